@@ -14,6 +14,8 @@ and the ``history`` of what each pass did.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
@@ -145,6 +147,15 @@ class Program:
         if not isinstance(self.ir, expected):
             raise TypeError(f"Program of kind {self.kind!r} needs an {expected.__name__}, "
                             f"got {type(self.ir).__name__}")
+
+    def clone(self) -> Program:
+        """An independent copy: modules deep-copied; ONNX graphs cloned, initializer tensors shared.
+
+        Passes replace initializer tensors rather than writing into them, so sharing is safe.
+        """
+        copied_ir = self.ir.clone() if self.kind == "onnx" else copy.deepcopy(self.ir)
+        return dataclasses.replace(self, ir=copied_ir, annotations=copy.deepcopy(self.annotations),
+                                   info=dict(self.info), history=list(self.history))
 
     @property
     def input_names(self) -> tuple[str, ...]:
