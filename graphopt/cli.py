@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GraphoptError as error:
         if args.debug:
             console.print_exception()
-        console.print(f"[bold red]error:[/] {error}", highlight=False)
+        console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         console.print("[bold red]interrupted:[/] nothing was written")

@@ -36,7 +36,7 @@ import onnx_ir.passes
 import torch.fx
 from torch.fx.passes.infra import pass_base as fx_pass_base
 
-from graphopt.errors import PassError, PreconditionError
+from graphopt.errors import GraphoptError, PassError, PreconditionError
 from graphopt.program import Kind, Program
 
 __all__ = ["Pass", "PassResult", "NoOptions", "FxPassAdapter", "OnnxIrPassAdapter",
@@ -105,7 +105,7 @@ class Pass(abc.ABC):
         self.requires(program)
         try:
             result = self.call(program)
-        except PassError:
+        except GraphoptError:
             raise
         except Exception as error:
             raise PassError(f"pass {self.name!r} failed: {type(error).__name__}: {error}") from error

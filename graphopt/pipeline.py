@@ -26,7 +26,7 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from graphopt.errors import NumericsError, PassError, PreconditionError
+from graphopt.errors import GraphoptError, NumericsError, PassError, PreconditionError
 from graphopt.pass_base import Pass
 from graphopt.program import Drift, Kind, PassRecord, Program
 
@@ -101,7 +101,7 @@ class Pipeline:
             start = time.perf_counter()
             try:
                 result = pass_(program)
-            except PassError as error:
+            except GraphoptError as error:
                 raise type(error)(f"{error}{self._after(index)}") from error
             wall = time.perf_counter() - start
             program = result.program

@@ -130,6 +130,10 @@ class Program:
         info: Provenance: model name, trace path taken and why, source file.
         history: One ``PassRecord`` per pass run so far.
         tokenizer: For text models, turns sentences into ``example_inputs``-like dicts.
+        teacher: The model lossy module passes learn back from, in eval mode and never
+            trained: set by a pass that changes the architecture (``depth-shrink`` keeps the
+            module from before it) and read by ``distill``. ``None`` until such a pass ran.
+            ``clone`` shares it.
     """
 
     kind: Kind
@@ -141,6 +145,7 @@ class Program:
     info: dict[str, Any] = field(default_factory=dict)
     history: list[PassRecord] = field(default_factory=list)
     tokenizer: Any = None
+    teacher: nn.Module | None = None
 
     def __post_init__(self) -> None:
         expected = nn.Module if self.kind == "module" else ir.Model

@@ -43,38 +43,42 @@ class Registry(Generic[T]):
     def __init__(self, group: str, what: str, check: Callable[[str, Any], T]) -> None:
         self.group, self.what, self._check = group, what, check
         self._entries: dict[str, T] | None = None
-        self._sources: dict[str, str] = {}
         self.broken: dict[str, BrokenEntry] = {}
 
     def _load(self) -> dict[str, T]:
         if self._entries is not None:
             return self._entries
+        by_name: dict[str, list[importlib.metadata.EntryPoint]] = {}
+        for ep in importlib.metadata.entry_points(group=self.group):
+            candidates = by_name.setdefault(ep.name, [])
+            if all(ep.value != seen.value for seen in candidates):  # one dist seen twice on sys.path
+                candidates.append(ep)
         entries: dict[str, T] = {}
-        for ep in sorted(importlib.metadata.entry_points(group=self.group), key=lambda e: (e.name, e.value)):
-            dist = ep.dist.name if ep.dist else "?"
-            version = ep.dist.version if ep.dist else "?"
-            if ep.name in entries or ep.name in self.broken:
-                if self._sources.get(ep.name) == ep.value:
-                    continue  # the same distribution seen twice on sys.path
-                self._mark_broken(ep, dist, version, f"duplicate {self.what} name {ep.name!r} "
-                                  f"(also {self._sources.get(ep.name, '?')})")
-                entries.pop(ep.name, None)
+        for name, candidates in sorted(by_name.items()):
+            # graphopt's own entry keeps its name; a plugin claiming it is the broken one.
+            candidates.sort(key=lambda e: (_dist(e)[0] != "graphopt", e.value))
+            chosen, rivals = candidates[0], candidates[1:]
+            if rivals and _dist(chosen)[0] != "graphopt":
+                for ep in candidates:
+                    self._mark_broken(ep, f"duplicate {self.what} name {name!r}, also registered by "
+                                      f"{', '.join(_dist(o)[0] for o in candidates if o is not ep)}")
                 continue
+            for ep in rivals:
+                self._mark_broken(ep, f"duplicate {self.what} name {name!r}: graphopt's own {chosen.value} keeps it")
             try:
-                entries[ep.name] = self._check(ep.name, ep.load())
-                self._sources[ep.name] = ep.value
+                entries[name] = self._check(name, chosen.load())
             except BaseException as error:  # noqa: BLE001 - a plugin may raise anything, SystemExit included
                 if isinstance(error, KeyboardInterrupt):
                     raise
                 last_line = (str(error).strip().splitlines() or [""])[-1]
-                self._mark_broken(ep, dist, version, f"{type(error).__name__}: {last_line}")
+                self._mark_broken(chosen, f"{type(error).__name__}: {last_line}")
         self._entries = entries
         return entries
 
-    def _mark_broken(self, ep: importlib.metadata.EntryPoint, dist: str, version: str, error: str) -> None:
+    def _mark_broken(self, ep: importlib.metadata.EntryPoint, error: str) -> None:
+        dist, version = _dist(ep)
         logger.warning("%s %r from %s %s (%s) is broken: %s", self.what, ep.name, dist, version, ep.value, error)
-        self.broken[ep.name] = BrokenEntry(ep.name, dist, version, ep.value, error)
-        self._sources.setdefault(ep.name, ep.value)
+        self.broken.setdefault(ep.name, BrokenEntry(ep.name, dist, version, ep.value, error))
 
     def names(self) -> list[str]:
         return sorted(self._load())
@@ -100,7 +104,11 @@ class Registry(Generic[T]):
 
     def reload(self) -> None:
         """Forgets what was loaded, so entry points added to ``sys.path`` since are seen."""
-        self._entries, self._sources, self.broken = None, {}, {}
+        self._entries, self.broken = None, {}
+
+
+def _dist(ep: importlib.metadata.EntryPoint) -> tuple[str, str]:
+    return (ep.dist.name, ep.dist.version) if ep.dist else ("?", "?")
 
 
 def _check_backend(name: str, obj: Any) -> Any:

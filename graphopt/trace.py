@@ -121,14 +121,18 @@ def load(path: str | os.PathLike[str]) -> Program:
                    info={"model": path.stem, "source": str(path), "trace": {"path": "onnx", "reason": "loaded from file"}})
 
 
-def synthesize_inputs(model: ir.Model) -> dict[str, torch.Tensor]:
-    """Example inputs for an ONNX model's graph inputs, deterministic (seeded)."""
+def synthesize_inputs(model: ir.Model, *, batch: int = _EXAMPLE_DIMS["batch"],
+                      sequence: int = _EXAMPLE_DIMS["sequence"]) -> dict[str, torch.Tensor]:
+    """Example inputs for an ONNX model's graph inputs, deterministic (seeded).
+
+    A dynamic dimension gets ``batch`` at axis 0 and ``sequence`` elsewhere.
+    """
     generator = torch.Generator().manual_seed(0)
     inputs = {}
     for value in model.graph.inputs:
         if value.name in model.graph.initializers:
             continue
-        shape = [d if isinstance(d, int) else _EXAMPLE_DIMS["batch" if i == 0 else "sequence"]
+        shape = [d if isinstance(d, int) else (batch if i == 0 else sequence)
                  for i, d in enumerate(value.shape or [])]
         dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
         if np.issubdtype(dtype, np.integer):

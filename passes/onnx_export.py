@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import warnings
 
 import torch
@@ -73,10 +74,13 @@ class OnnxExportPass(Pass):
                     output_names=list(program.output_names), optimize=self.options.optimize,
                     verbose=False, report=False)
         except Exception as error:
-            first_line = (str(error).strip().splitlines() or [""])[0]
+            root = error
+            while root.__cause__ is not None:  # the exporter wraps the torch.export error that says why
+                root = root.__cause__
+            first_line = re.sub(r"\x1b\[[0-9;]*m", "", (str(root).strip().splitlines() or [""])[0])
             raise ModelError(
                 f"model {program.info.get('model', '?')!r} cannot be exported with torch.export "
-                f"({type(error).__name__}: {first_line}). Symbolic trace: "
+                f"({type(root).__name__}: {first_line}). Symbolic trace: "
                 f"{program.info.get('trace', {}).get('reason', 'n/a')}. Remove data-dependent Python "
                 "control flow from forward(), or export the model to ONNX yourself and pass the file") from error
         model = exported.model

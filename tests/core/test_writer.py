@@ -1,0 +1,73 @@
+"""Artifacts are written atomically: a failure leaves nothing; a previous artifact survives."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from graphopt.errors import OutputError
+from graphopt.writer import atomic_output_dir, check_output_target
+
+
+def test_success_renames_into_place(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with atomic_output_dir(out) as staging:
+        (staging / "a.txt").write_text("new")
+        assert not out.exists()
+    assert (out / "a.txt").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_failure_leaves_nothing_and_keeps_previous(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_output_dir(out) as staging:
+            (staging / "a.txt").write_text("half")
+            raise RuntimeError("boom")
+    assert (out / "a.txt").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_replaces_previous_artifact(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    with atomic_output_dir(out) as staging:
+        (staging / "a.txt").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_output_that_is_a_file(tmp_path: Path) -> None:
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(OutputError, match="exists and is not a folder"):
+        check_output_target(target)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_parent(tmp_path: Path) -> None:
+    tmp_path.chmod(0o500)
+    try:
+        with pytest.raises(OutputError, match="not writable"):
+            check_output_target(tmp_path / "out")
+    finally:
+        tmp_path.chmod(0o700)
+
+
+def test_stale_temporary_folder_of_a_dead_process_is_removed(tmp_path: Path) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".out.graphopt-tmp-{int(dead.stdout)}-abcd"
+    stale.mkdir()
+    (stale / "model.onnx").write_text("partial")
+    live = tmp_path / f".out.graphopt-tmp-{os.getppid()}-abcd"
+    live.mkdir()
+    check_output_target(tmp_path / "out")
+    assert not stale.exists()
+    assert live.exists(), "a temporary folder whose owner lives is left alone"
