@@ -8,14 +8,16 @@ those bytes, so what is measured is what is saved.
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 
 from graphopt.backend import Backend, Executable, provenance
-from graphopt.onnx_io import serialize_model
+from graphopt.onnx_io import artifact_proto, needs_external_data, write_with_external_data
 from graphopt.onnx_runtime import OptimizationLevel, create_session, run_session, session_options
 from graphopt.program import Program
 
@@ -25,20 +27,31 @@ logger = logging.getLogger(__name__)
 
 
 class OnnxRuntimeExecutable(Executable):
-    """Serialized ONNX bytes and a lazily created ONNX Runtime session on them."""
+    """The artifact's ``ModelProto`` (serialized once when under 2 GiB) and a lazy ORT session.
+
+    Models whose initializers exceed protobuf's 2 GiB limit are written as ``model.onnx``
+    plus ``model.onnx.data`` and the session is created from the written file.
+    """
 
     artifact_name = "model.onnx"
 
-    def __init__(self, model_bytes: bytes, *, threads: int | None, optimization: OptimizationLevel,
-                 spinning: bool) -> None:
-        self.model_bytes = model_bytes
+    def __init__(self, proto: onnx.ModelProto, *, external_data: bool, threads: int | None,
+                 optimization: OptimizationLevel, spinning: bool) -> None:
+        self.proto = proto
+        self.external_data = external_data
+        self.model_bytes = b"" if external_data else proto.SerializeToString(deterministic=True)
         self._options = dict(threads=threads, optimization=optimization, spinning=spinning)
         self._session = None
+        self._folder: tempfile.TemporaryDirectory[str] | None = None
 
     @property
     def session(self):
         if self._session is None:
-            self._session = create_session(self.model_bytes, session_options(**self._options))
+            source: bytes | str = self.model_bytes
+            if self.external_data:
+                self._folder = tempfile.TemporaryDirectory(prefix="graphopt-ort-")
+                source = str(self.write_into(Path(self._folder.name))[0])
+            self._session = create_session(source, session_options(**self._options))
         return self._session
 
     def __call__(self, **inputs: torch.Tensor | np.ndarray) -> tuple[np.ndarray, ...]:
@@ -46,6 +59,8 @@ class OnnxRuntimeExecutable(Executable):
 
     def write_into(self, folder: Path) -> list[Path]:
         path = folder / self.artifact_name
+        if self.external_data:
+            return write_with_external_data(self.proto, path)
         path.write_bytes(self.model_bytes)
         return [path]
 
@@ -61,5 +76,6 @@ class OnnxRuntimeBackend(Backend):
         """Args: threads (intra-op; default one per core), optimization level, spinning."""
         if options:
             raise TypeError(f"unknown onnxruntime backend options: {', '.join(sorted(options))}")
-        data = serialize_model(program.ir, provenance(program))
-        return OnnxRuntimeExecutable(data, threads=threads, optimization=optimization, spinning=spinning)
+        proto = artifact_proto(program.ir, provenance(program))
+        return OnnxRuntimeExecutable(proto, external_data=needs_external_data(program.ir), threads=threads,
+                                     optimization=optimization, spinning=spinning)

@@ -1,4 +1,4 @@
-"""The ``graphopt`` command line: ``compress`` and ``passes``.
+"""The ``graphopt`` command line: ``compress``, ``passes``, ``inspect``, ``bench``.
 
 A user error (any ``GraphoptError``) prints one message and exits 2, without a
 traceback unless ``--debug``; Ctrl-C exits 130 and says nothing was written.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import time
 from typing import Any, Sequence
@@ -22,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,13 +32,16 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("--strict-plugins", action="store_true",
+                        help="fail at once if any installed plugin (pass, backend, model) is broken")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     comp = sub.add_parser("compress", help="run a recipe on a model and write the artifacts and report",
                           description="Run a recipe's pipeline on a model, check the result against the "
                           "original, and write OUT/model.onnx (or model.pt2), OUT/report.json and OUT/report.md. "
                           "OUT is written atomically: a failed run leaves nothing behind.")
-    comp.add_argument("--model", "-m", help="registered model name (see `graphopt models`) or an .onnx path; "
+    comp.add_argument("--model", "-m", help="registered model name (see `graphopt models`), hf:FOLDER (a saved "
+                      "Hugging Face model, read offline; needs graphopt[hf]) or an .onnx path; "
                       "default: the recipe's model")
     comp.add_argument("--recipe", "-r", required=True, help="shipped recipe name (e.g. fp32) or a .toml path")
     comp.add_argument("--out", "-o", required=True, help="output folder")
@@ -50,6 +55,27 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("recipes", help="list the shipped recipes")
     sub.add_parser("models", help="list the registered models")
+
+    ins = sub.add_parser("inspect", help="what is in an ONNX file: ops, weights, opsets, dynamic axes, provenance",
+                         description="Op histogram (with domains), parameter bytes by dtype, opset imports, "
+                         "inputs and outputs with their dynamic axes, and the graphopt provenance in the "
+                         "file's metadata. Nothing is run; external data is read only from the model's folder.")
+    ins.add_argument("file", help="an .onnx file")
+    ins.add_argument("--json", action="store_true", help="print as JSON")
+
+    ben = sub.add_parser("bench", help="latency percentiles and throughput of ONNX files in ONNX Runtime",
+                         description="Times each file at every batch size and sequence length, one ONNX Runtime "
+                         "session at a time, after warm-up; prints the machine, versions and settings beside "
+                         "p50/p90/p99 latency and throughput. Inputs are synthesized from the graph inputs.")
+    ben.add_argument("files", nargs="+", metavar="FILE", help=".onnx files")
+    ben.add_argument("--batch", "-b", type=int, nargs="+", default=[1], help="batch sizes (default 1)")
+    ben.add_argument("--sequence", "-s", type=int, nargs="+", default=[128], help="sequence lengths (default 128)")
+    ben.add_argument("--threads", "-t", type=int, default=None, help="ONNX Runtime intra-op threads (default: one per core)")
+    ben.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
+    ben.add_argument("--rounds", type=int, default=50, help="timed runs; percentiles are over these (default 50)")
+    ben.add_argument("--spinning", action="store_true", help="let idle ORT threads spin (ORT's own default; "
+                     "off here because spinning threads steal cores from anything else running)")
+    ben.add_argument("--json", action="store_true", help="print as JSON")
     return parser
 
 
@@ -71,17 +97,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USER_ERROR
     from graphopt.errors import GraphoptError
 
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        return {"compress": _compress, "passes": _passes, "recipes": _recipes, "models": _models}[args.command](
+        if args.strict_plugins:
+            _check_plugins()
+        return {"compress": _compress, "passes": _passes, "recipes": _recipes, "models": _models,
+                "inspect": _inspect, "bench": _bench}[args.command](
             args, console)
     except GraphoptError as error:
         if args.debug:
             console.print_exception()
         console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         return EXIT_USER_ERROR
+    except _Terminated:
+        console.print("[bold red]terminated:[/] nothing was written")
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         console.print("[bold red]interrupted:[/] nothing was written")
         return EXIT_INTERRUPTED
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the atomic writer removes its temporary folder."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
+def _check_plugins() -> None:
+    from graphopt import registry
+    from graphopt.errors import PluginError
+
+    for reg in (registry.passes, registry.backends, registry.models):
+        reg.names()
+        for b in reg.broken.values():
+            raise PluginError(f"--strict-plugins: {reg.what} {b.name!r} from {b.distribution} {b.version} "
+                              f"({b.value}) is broken: {b.error}")
 
 
 class _RichProgress:
@@ -97,6 +149,10 @@ class _RichProgress:
 
     def before_pass(self, index: int, total: int, pass_: Any, program: Any) -> None:
         self.message(f"pass {index + 1}/{total}: {pass_.name}")
+        if hasattr(pass_, "train_progress"):  # passes that train (distill) report each step
+            pass_.train_progress = lambda p: self.message(
+                f"pass {index + 1}/{total}: {pass_.name} step {p.step}/{p.steps}, loss {p.loss:.4g} "
+                f"({', '.join(f'{k} {v:.3g}' for k, v in p.parts.items())})")
 
     def after_pass(self, index: int, total: int, pass_: Any, record: Any) -> None:
         drift = record.total_drift
@@ -177,6 +233,65 @@ def _models(args: argparse.Namespace, console: Console) -> int:
         print(name)
     for b in registry.models.broken.values():
         print(f"{b.name} (broken: {b.error})")
+    return 0
+
+
+def _print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    out = Console(width=None if sys.stdout.isatty() else 160)
+    table = Table(title=title)
+    for column in header:
+        table.add_column(column, justify="left" if column in header[:1] else "right")
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
+
+
+def _inspect(args: argparse.Namespace, console: Console) -> int:
+    from graphopt.inspect import inspect_onnx
+
+    info = inspect_onnx(args.file)
+    if args.json:
+        print(json.dumps(info, indent=1, default=str))
+        return 0
+    params = info["parameters"]
+    print(f"{info['file']}: {info['file_bytes'] / 1e6:.2f} MB, {info['nodes']} nodes, producer {info['producer'] or '?'}, "
+          f"opsets {', '.join(f'{d} {v}' for d, v in info['opsets'].items())}")
+    for kind in ("inputs", "outputs"):
+        for v in info[kind]:
+            axes = ", ".join(f"{i}={n}" for i, n in v["dynamic_axes"].items()) or "none"
+            print(f"  {kind[:-1]} {v['name']}: {v['dtype']}{v['shape']} (dynamic: {axes})")
+    _print_table("ops", ["op", "count"], [[op, str(n)] for op, n in info["ops"].items()])
+    _print_table(f"parameters: {params['tensors']} tensors, {params['bytes'] / 1e6:.2f} MB", ["dtype", "tensors", "elements", "MB"],
+                 [[d, str(r["tensors"]), str(r["elements"]), f"{r['bytes'] / 1e6:.3f}"] for d, r in params["by_dtype"].items()])
+    if info["graphopt"]:
+        print("graphopt provenance:")
+        for key, value in info["graphopt"].items():
+            print(f"  {key}: {json.dumps(value, default=str)}")
+    return 0
+
+
+def _bench(args: argparse.Namespace, console: Console) -> int:
+    from graphopt.bench import BenchSettings, bench_files, format_table
+
+    try:
+        settings = BenchSettings(tuple(args.batch), tuple(args.sequence), args.threads, args.warmup, args.rounds,
+                                 args.spinning)
+    except ValueError as error:
+        from graphopt.errors import GraphoptError
+
+        raise GraphoptError(f"bench: {error}") from error
+    with console.status("benchmarking") as status:
+        result = bench_files(args.files, settings, progress=status.update)
+    if args.json:
+        print(json.dumps(result, indent=1, default=str))
+        return 0
+    machine, s = result["machine"], result["settings"]
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['platform']}, load average "
+          f"{machine['load_average_1m']} before / {result['load_average_1m_after']} after")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()))
+    print(f"settings: threads {s['threads'] or 'ORT default'}, spinning {'on' if s['spinning'] else 'off'}, "
+          f"optimization {s['optimization']}, warm-up {s['warmup']}, {s['rounds']} timed runs, one session at a time")
+    _print_table("latency and throughput", *format_table(result))
     return 0
 
 

@@ -27,12 +27,20 @@ from onnx import numpy_helper
 
 from graphopt.errors import ExternalDataError, FormatError
 
-__all__ = ["read_onnx", "serialize_model", "STRIPPED_METADATA", "ProtoHook"]
+__all__ = ["read_onnx", "artifact_proto", "serialize_model", "needs_external_data", "write_with_external_data",
+           "STRIPPED_METADATA", "MAX_SUBGRAPH_DEPTH", "ProtoHook"]
 
 logger = logging.getLogger(__name__)
 
 #: Node metadata the writer removes: stack traces hold absolute paths of the exporting machine.
 STRIPPED_METADATA = ("pkg.torch.onnx.stack_trace",)
+
+#: Deepest If/Loop/Scan nesting graphopt reads.
+MAX_SUBGRAPH_DEPTH = 64
+
+#: Above this many bytes of initializers, models are written with external data (protobuf's
+#: hard limit for one message is 2 GiB).
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 #: A last rewrite of the ``ModelProto`` before serialization (e.g. sparse initializers).
 ProtoHook = Callable[[onnx.ModelProto], None]
@@ -56,11 +64,30 @@ def read_onnx(path: Path) -> onnx.ModelProto:
                           f"{str(error).splitlines()[0] if str(error) else ''})") from error
     if not proto.HasField("graph"):
         raise FormatError(f"{path}: the file parses but holds no graph; is it an ONNX model?")
+    depth = _subgraph_depth(proto.graph)
+    if depth > MAX_SUBGRAPH_DEPTH:
+        raise FormatError(f"{path}: subgraphs nest {depth} deep, over graphopt's limit of {MAX_SUBGRAPH_DEPTH}")
     tensors = [t for t in _all_tensors(proto.graph) if t.data_location == onnx.TensorProto.EXTERNAL]
     for tensor in tensors:
         _load_external(tensor, path)
     _densify_sparse_initializers(proto.graph)
     return proto
+
+
+def _subgraph_depth(graph: onnx.GraphProto) -> int:
+    """Deepest nesting of If/Loop/Scan bodies, walked iteratively (no recursion limit to hit)."""
+    deepest, stack = 1, [(graph, 1)]
+    while stack:
+        current, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > MAX_SUBGRAPH_DEPTH:
+            break
+        for node in current.node:
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    stack.append((attr.g, depth + 1))
+                stack.extend((sub, depth + 1) for sub in attr.graphs)
+    return deepest
 
 
 def _all_tensors(graph: onnx.GraphProto):
@@ -135,9 +162,9 @@ def _densify_sparse_initializers(graph: onnx.GraphProto) -> None:
     del graph.sparse_initializer[:]
 
 
-def serialize_model(model: ir.Model, provenance: Mapping[str, str] | None = None,
-                    hooks: tuple[ProtoHook, ...] = ()) -> bytes:
-    """Serializes an ``onnx_ir.Model`` for an artifact: stripped, stamped, deterministic."""
+def artifact_proto(model: ir.Model, provenance: Mapping[str, str] | None = None,
+                   hooks: tuple[ProtoHook, ...] = ()) -> onnx.ModelProto:
+    """The ``ModelProto`` of an artifact: stripped, stamped, hooks applied, no trailing ``""`` inputs."""
     proto = ir.to_proto(model)
     _strip(proto.graph)
     proto.doc_string = ""
@@ -150,13 +177,44 @@ def serialize_model(model: ir.Model, provenance: Mapping[str, str] | None = None
                 proto.metadata_props.add(key=key, value=value)
     for hook in hooks:
         hook(proto)
-    return proto.SerializeToString(deterministic=True)
+    return proto
+
+
+def serialize_model(model: ir.Model, provenance: Mapping[str, str] | None = None,
+                    hooks: tuple[ProtoHook, ...] = ()) -> bytes:
+    """Serializes an artifact deterministically (same model and provenance → same bytes)."""
+    return artifact_proto(model, provenance, hooks).SerializeToString(deterministic=True)
+
+
+def needs_external_data(model: ir.Model) -> bool:
+    """True when the initializers alone would break protobuf's 2 GiB message limit."""
+    total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    return total > EXTERNAL_DATA_THRESHOLD
+
+
+def write_with_external_data(proto: onnx.ModelProto, path: Path) -> list[Path]:
+    """Writes ``path`` plus ``path.data`` holding every initializer (for models over 2 GiB)."""
+    data_name = path.name + ".data"
+    proto = _copy(proto)  # save_model moves the tensors out of the proto it is given
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=1024)
+    return [path, path.with_name(data_name)]
+
+
+def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
+    copied = onnx.ModelProto()
+    copied.CopyFrom(proto)
+    return copied
 
 
 def _strip(graph: onnx.GraphProto) -> None:
     graph.doc_string = ""
     for node in graph.node:
         node.doc_string = ""
+        # An explicit empty trailing optional input is legal ONNX, but a LayerNormalization
+        # with bias "" crashes ONNX Runtime's optimizer (measured): never write one.
+        while node.input and node.input[-1] == "":
+            node.input.pop()
         keep = [p for p in node.metadata_props if p.key not in STRIPPED_METADATA]
         del node.metadata_props[:]
         node.metadata_props.extend(keep)

@@ -18,6 +18,7 @@ from graphopt.bundle import ModelBundle
 from graphopt.errors import FormatError, ModelError
 from graphopt.onnx_io import read_onnx
 from graphopt.program import Program, flatten_outputs
+from graphopt.sandbox import probe_onnx_model
 
 __all__ = ["trace", "load", "synthesize_inputs"]
 
@@ -97,7 +98,8 @@ def load(path: str | os.PathLike[str]) -> Program:
     External data is read only from inside the model's folder (see ``read_onnx``).
     Example inputs are synthesized from the graph inputs (dynamic axes get batch 2 and
     sequence 16; integer inputs named like masks get ones, other integers small token
-    ids), and the reference output is the file's own output on them in ONNX Runtime.
+    ids), and the reference output is the file's own output on them in ONNX Runtime, run
+    first in a child process so that a native crash is reported, not suffered.
 
     Raises:
         FormatError: if the file is missing, unreadable or not a valid ONNX model.
@@ -109,13 +111,9 @@ def load(path: str | os.PathLike[str]) -> Program:
     except Exception as error:
         raise FormatError(f"{path}: not a valid ONNX model ({type(error).__name__}: {error})") from error
     inputs = synthesize_inputs(model)
-    from graphopt.onnx_runtime import run_onnx_model
-
-    try:
-        reference = run_onnx_model(model, inputs)
-    except Exception as error:
-        raise FormatError(f"{path}: ONNX Runtime cannot run this model ({type(error).__name__}: "
-                          f"{str(error).splitlines()[0]})") from error
+    # The first ONNX Runtime session on a user's file runs in a child process: a native crash
+    # there becomes a FormatError instead of taking graphopt down.
+    reference = probe_onnx_model(proto.SerializeToString(), inputs, source=str(path))
     names = tuple(v.name for v in model.graph.outputs)
     return Program("onnx", model, inputs, reference, names,
                    info={"model": path.stem, "source": str(path), "trace": {"path": "onnx", "reason": "loaded from file"}})
