@@ -67,7 +67,7 @@ class Pass(abc.ABC):
     kind_out: ClassVar[Kind]
     exact: ClassVar[bool] = True
     #: Largest max-abs output difference an exact pass may cause against the program before it.
-    tolerance: ClassVar[float | None] = 1e-5
+    tolerance: ClassVar[float | None] = 1e-6
     Options: ClassVar[type] = NoOptions
 
     def __init__(self, options: Any = None, /, **overrides: Any) -> None:
