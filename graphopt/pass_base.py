@@ -243,6 +243,8 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
         return float(value)
     if tp in (int, float) and isinstance(value, bool):
         raise ValueError(f"{where} must be {tp.__name__}, got bool {value!r}")
+    if isinstance(value, int) and not isinstance(value, bool) and not -(1 << 63) <= value < (1 << 63):
+        raise ValueError(f"{where} is out of range: {value}")
     if isinstance(tp, type) and not isinstance(value, tp):
         raise ValueError(f"{where} must be {tp.__name__}, got {type(value).__name__} {value!r}")
     return value

@@ -233,4 +233,6 @@ def load_recipe(recipe: str | os.PathLike[str] | Recipe) -> Recipe:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise RecipeError(f"{text_path}: not valid TOML: {error}") from error
+    except RecursionError as error:
+        raise RecipeError(f"{text_path}: arrays or tables nest too deep to be a recipe") from error
     return Recipe.from_dict(data, name=text_path.stem, source=str(text_path), text=text)

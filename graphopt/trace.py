@@ -24,6 +24,9 @@ __all__ = ["trace", "load", "synthesize_inputs"]
 
 logger = logging.getLogger(__name__)
 
+#: Largest example input graphopt synthesizes (elements), checked before allocating.
+MAX_EXAMPLE_ELEMENTS = 1 << 24
+
 #: Example batch and sequence for inputs synthesized from an ONNX file's dynamic axes.
 _EXAMPLE_DIMS = {"batch": 2, "sequence": 16}
 
@@ -110,7 +113,12 @@ def load(path: str | os.PathLike[str]) -> Program:
         model = ir.from_proto(proto)
     except Exception as error:
         raise FormatError(f"{path}: not a valid ONNX model ({type(error).__name__}: {error})") from error
-    inputs = synthesize_inputs(model)
+    try:
+        inputs = synthesize_inputs(model)
+    except FormatError as error:
+        raise FormatError(f"{path}: {error}") from error
+    except Exception as error:
+        raise FormatError(f"{path}: cannot make example inputs for this model ({type(error).__name__}: {error})") from error
     # The first ONNX Runtime session on a user's file runs in a child process: a native crash
     # there becomes a FormatError instead of taking graphopt down.
     reference = probe_onnx_model(proto.SerializeToString(), inputs, source=str(path))
@@ -132,6 +140,9 @@ def synthesize_inputs(model: ir.Model, *, batch: int = _EXAMPLE_DIMS["batch"],
             continue
         shape = [d if isinstance(d, int) else (batch if i == 0 else sequence)
                  for i, d in enumerate(value.shape or [])]
+        if any(d < 0 for d in shape) or int(np.prod(shape, dtype=np.float64)) > MAX_EXAMPLE_ELEMENTS:
+            raise FormatError(f"graph input {value.name!r} declares shape {shape}: negative or over "
+                              f"{MAX_EXAMPLE_ELEMENTS} elements; graphopt cannot make example inputs for it")
         dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
         if np.issubdtype(dtype, np.integer):
             if "mask" in value.name:
