@@ -229,8 +229,9 @@ def _recipes(args: argparse.Namespace, console: Console) -> int:
 def _models(args: argparse.Namespace, console: Console) -> int:
     from graphopt import registry
 
-    for name in registry.models.names():
-        print(name)
+    for name, loader in registry.models.items():
+        doc = ((loader.__doc__ or "").strip().splitlines() or [""])[0]
+        print(f"{name:10s} {doc}" if doc else name)
     for b in registry.models.broken.values():
         print(f"{b.name} (broken: {b.error})")
     return 0

@@ -51,21 +51,34 @@ class CompressResult:
 
 
 def resolve_model(model: str | os.PathLike[str] | nn.Module | ModelBundle) -> ModelBundle | Path:
-    """A registered model name, an ``.onnx`` path, a module or a bundle → a bundle or a path."""
+    """A registered model name, ``NAME:ARGUMENT``, an ``.onnx`` path, a module or a bundle → a bundle or a path.
+
+    ``NAME:ARGUMENT`` calls the model entry point ``NAME`` with ``ARGUMENT`` (``hf:./bert``
+    calls the ``hf`` loader with ``"./bert"``), so a plugin adds a model source the same way
+    it adds a model, through the ``graphopt.models`` group; a plain ``NAME`` calls it with none.
+    """
     if isinstance(model, (ModelBundle, nn.Module)):
         return model if isinstance(model, ModelBundle) else ModelBundle(type(model).__name__, model, {})
     text = str(model)
+    scheme, colon, argument = text.partition(":")
+    known = set(registry.models.names()) | set(registry.models.broken)
+    if colon and scheme in known and not isinstance(model, Path):
+        return _bundle_from(text, registry.models.get(scheme)(argument))
     if text.endswith(".onnx") or Path(text).suffix == ".onnx" or os.sep in text:
         return Path(text)
-    loader = registry.models.get(text) if text in registry.models.names() or text in registry.models.broken else None
+    loader = registry.models.get(text) if text in known else None
     if loader is None:
         import difflib
 
         near = difflib.get_close_matches(text, registry.models.names(), n=1)
         hint = f"did you mean {near[0]!r}? " if near else ""
         raise ModelError(f"unknown model {text!r}: {hint}give a registered model "
-                         f"({', '.join(registry.models.names())}) or the path of an .onnx file")
-    bundle = loader()
+                         f"({', '.join(registry.models.names())}), NAME:ARGUMENT (hf:FOLDER for a saved "
+                         "Hugging Face model) or the path of an .onnx file")
+    return _bundle_from(text, loader())
+
+
+def _bundle_from(text: str, bundle: object) -> ModelBundle:
     if not isinstance(bundle, ModelBundle):
         raise ModelError(f"model entry point {text!r} returned {type(bundle).__name__}, not a ModelBundle")
     return bundle
@@ -120,6 +133,9 @@ def compress(model: str | os.PathLike[str] | nn.Module | ModelBundle | None, rec
                    "sha256": recipe.sha256, "pipeline": [dataclasses.asdict(p) for p in recipe.pipeline],
                    "backends": [dataclasses.asdict(b) for b in recipe.backends]}
     report = build_report(recipe=recipe_info, program=final, checks=checks, artifacts={}, timings=timings)
+    notes = {name: dict(e.notes) for name, e in executables.items() if getattr(e, "notes", None)}
+    if notes:  # what a backend did beyond lowering (sparse initializers, kernel formats)
+        report["backend_notes"] = notes
     target = None
     if out is not None:
         say(f"writing {out}")

@@ -81,6 +81,11 @@ def render_markdown(report: Mapping[str, Any]) -> str:
               f"- recipe: {report['recipe'].get('description', '')} (sha256 {report['recipe'].get('sha256', '')[:12]})",
               "", "## Passes", ""]
     lines += _md_table(*pass_table_rows(report))
+    noted = [r for r in report["passes"] if r.get("notes")]
+    if noted:  # what a pass reports beyond the table (distill: held-out agreement before and after)
+        lines += ["", "## Pass notes", ""]
+        for r in noted:
+            lines += [f"### {r['name']}", "", "```json", json.dumps(r["notes"], indent=1, default=str), "```", ""]
     lines += ["", "## Final check", ""]
     for backend, check in report["final_check"].items():
         lines.append(f"### {backend}: {check.get('data', '')}")
@@ -88,6 +93,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         metrics = {k: v for k, v in check.items() if k != "data"}
         lines += _md_table(list(metrics), [[f"{v:.6f}" if isinstance(v, float) else str(v) for v in metrics.values()]])
         lines.append("")
+    for backend, notes in report.get("backend_notes", {}).items():
+        lines += [f"## Backend notes: {backend}", "", "```json", json.dumps(notes, indent=1, default=str), "```", ""]
     lines += ["## Artifacts", ""]
     lines += [f"- `{name}`: {size / 1e6:.2f} MB" for name, size in report["artifacts"].items()]
     lines += ["", "## Versions", "", "```", json.dumps(report["versions"], indent=1), "```", ""]
