@@ -1,0 +1,253 @@
+"""Declarations of graphopt's C++ ops: schemas, typed wrappers and fake implementations.
+
+Every op of the ``graphopt`` namespace is declared here and only here, with
+``torch.library``; the C++ side (``sparse_linear.cpp``) only implements them with
+``TORCH_LIBRARY_IMPL``, because a second ``TORCH_LIBRARY`` for one namespace terminates the
+process (measured, torch 2.13). The fake implementations let ``torch.export``, fx and
+``torch.compile`` trace models that call the ops without the extension being built.
+
+The kernels are hand-written (see ``sparse_common.h``): no maintained library does sparse
+weight x dense activation fast on CPU at Transformer shapes. All ops compute
+``y = x @ W.T + b`` for a sparse ``W [out_features, in_features]``, with ``x [..., in]``
+of any leading dims, float32, on the CPU. Weight layouts are described in ``packing.py``;
+pack with :func:`pack_csr` / :func:`pack_bsr`.
+
+Schemas::
+
+    graphopt::csr_linear(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values,
+                         Tensor? bias, int out_features) -> Tensor
+    graphopt::csr_linear_int8(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values,
+                              Tensor scales, Tensor? bias, int out_features) -> Tensor
+    graphopt::bsr_linear(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values,
+                         Tensor? bias, int out_features) -> Tensor
+    graphopt::bsr_linear_int8(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values,
+                              Tensor scales, Tensor? bias, int out_features) -> Tensor
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from .packing import BsrWeight, CsrWeight, pack_bsr, pack_csr
+
+__all__ = [
+    "BsrWeight",
+    "CsrWeight",
+    "OP_SCHEMAS",
+    "bsr_linear",
+    "bsr_linear_int8",
+    "csr_linear",
+    "csr_linear_int8",
+    "pack_bsr",
+    "pack_csr",
+    "sparse_linear",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Op name -> schema, in the namespace ``graphopt``.
+OP_SCHEMAS: dict[str, str] = {
+    "csr_linear": (
+        "csr_linear(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, "
+        "Tensor? bias, int out_features) -> Tensor"
+    ),
+    "csr_linear_int8": (
+        "csr_linear_int8(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, "
+        "Tensor scales, Tensor? bias, int out_features) -> Tensor"
+    ),
+    "bsr_linear": (
+        "bsr_linear(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, "
+        "Tensor? bias, int out_features) -> Tensor"
+    ),
+    "bsr_linear_int8": (
+        "bsr_linear_int8(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, "
+        "Tensor scales, Tensor? bias, int out_features) -> Tensor"
+    ),
+}
+
+# "DEF" owns the namespace: a second declaration anywhere fails loudly at import. The
+# Library object must stay alive, or its registrations are removed.
+_LIB = torch.library.Library("graphopt", "DEF")
+for _schema in OP_SCHEMAS.values():
+    _LIB.define(_schema, tags=(torch.Tag.pt2_compliant_tag,))
+
+
+def _fake_check(x: Tensor, out_features: int) -> None:
+    torch._check(x.dtype == torch.float32, lambda: f"x must be float32, got {x.dtype}")
+    torch._check(x.dim() >= 1, lambda: "x must have at least one dimension")
+    torch._check(out_features >= 0, lambda: f"out_features must be >= 0, got {out_features}")
+
+
+def _fake_out(x: Tensor, out_features: int) -> Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.register_fake("graphopt::csr_linear", lib=_LIB)
+def _csr_linear_fake(
+    x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, bias: Tensor | None, out_features: int
+) -> Tensor:
+    _fake_check(x, out_features)
+    return _fake_out(x, out_features)
+
+
+@torch.library.register_fake("graphopt::csr_linear_int8", lib=_LIB)
+def _csr_linear_int8_fake(
+    x: Tensor,
+    row_ptr: Tensor,
+    col_idx: Tensor,
+    values: Tensor,
+    scales: Tensor,
+    bias: Tensor | None,
+    out_features: int,
+) -> Tensor:
+    _fake_check(x, out_features)
+    return _fake_out(x, out_features)
+
+
+@torch.library.register_fake("graphopt::bsr_linear", lib=_LIB)
+def _bsr_linear_fake(
+    x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, bias: Tensor | None, out_features: int
+) -> Tensor:
+    _fake_check(x, out_features)
+    torch._check(values.dim() == 3, lambda: "values must be [n_blocks, R, C]")
+    return _fake_out(x, out_features)
+
+
+@torch.library.register_fake("graphopt::bsr_linear_int8", lib=_LIB)
+def _bsr_linear_int8_fake(
+    x: Tensor,
+    row_ptr: Tensor,
+    col_idx: Tensor,
+    values: Tensor,
+    scales: Tensor,
+    bias: Tensor | None,
+    out_features: int,
+) -> Tensor:
+    _fake_check(x, out_features)
+    torch._check(values.dim() == 3, lambda: "values must be [n_blocks, R, C]")
+    return _fake_out(x, out_features)
+
+
+_kernels_ready = False
+
+
+def _ensure_kernels(x: Tensor) -> None:
+    """Builds/loads the C++ kernels on the first eager call.
+
+    Only for plain tensors: under tracing (fake tensors, proxies, functionalization) the
+    fake implementations answer, so tracing never needs a compiler.
+    """
+    global _kernels_ready
+    if _kernels_ready or type(x) is not torch.Tensor:
+        return
+    from .build import load_extension
+
+    load_extension()
+    _kernels_ready = True
+
+
+def csr_linear(
+    x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, bias: Tensor | None, out_features: int
+) -> Tensor:
+    """``y = x @ W.T + bias`` with ``W`` in CSR form and float32 values.
+
+    Args:
+        x: float32 ``[..., in_features]``.
+        row_ptr: int32 ``[out_features + 1]``.
+        col_idx: int16 or int32 ``[nnz]``.
+        values: float32 ``[nnz]``.
+        bias: float32 ``[out_features]`` or None.
+        out_features: rows of ``W``.
+
+    Returns:
+        float32 ``[..., out_features]``.
+    """
+    _ensure_kernels(x)
+    return torch.ops.graphopt.csr_linear.default(x, row_ptr, col_idx, values, bias, out_features)
+
+
+def csr_linear_int8(
+    x: Tensor,
+    row_ptr: Tensor,
+    col_idx: Tensor,
+    values: Tensor,
+    scales: Tensor,
+    bias: Tensor | None,
+    out_features: int,
+) -> Tensor:
+    """Like :func:`csr_linear` with int8 ``values`` and float32 per-row ``scales [out]``.
+
+    Computes ``y[..., o] = scales[o] * sum_k values[k] * x[..., col_idx[k]] + bias[o]``.
+    """
+    _ensure_kernels(x)
+    return torch.ops.graphopt.csr_linear_int8.default(
+        x, row_ptr, col_idx, values, scales, bias, out_features
+    )
+
+
+def bsr_linear(
+    x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, bias: Tensor | None, out_features: int
+) -> Tensor:
+    """``y = x @ W.T + bias`` with ``W`` in block-sparse form and float32 values.
+
+    Args:
+        x: float32 ``[..., in_features]``.
+        row_ptr: int32 ``[ceil(out_features / R) + 1]``.
+        col_idx: int16 or int32 ``[n_blocks]``, in block units.
+        values: float32 ``[n_blocks, R, C]``; the block shape is read from here.
+        bias: float32 ``[out_features]`` or None.
+        out_features: rows of ``W``.
+
+    Returns:
+        float32 ``[..., out_features]``.
+    """
+    _ensure_kernels(x)
+    return torch.ops.graphopt.bsr_linear.default(x, row_ptr, col_idx, values, bias, out_features)
+
+
+def bsr_linear_int8(
+    x: Tensor,
+    row_ptr: Tensor,
+    col_idx: Tensor,
+    values: Tensor,
+    scales: Tensor,
+    bias: Tensor | None,
+    out_features: int,
+) -> Tensor:
+    """Like :func:`bsr_linear` with int8 ``values`` and float32 per-row ``scales [out]``."""
+    _ensure_kernels(x)
+    return torch.ops.graphopt.bsr_linear_int8.default(
+        x, row_ptr, col_idx, values, scales, bias, out_features
+    )
+
+
+def sparse_linear(x: Tensor, weight: CsrWeight | BsrWeight, bias: Tensor | None = None) -> Tensor:
+    """``y = x @ W.T + bias`` for a packed weight, choosing the op from its layout and dtype.
+
+    Args:
+        x: float32 ``[..., in_features]``.
+        weight: the output of :func:`pack_csr` or :func:`pack_bsr`.
+        bias: float32 ``[out_features]`` or None.
+
+    Returns:
+        float32 ``[..., out_features]``.
+
+    Example::
+
+        packed = pack_csr(linear.weight.detach() * mask, dtype=torch.int8)
+        y = sparse_linear(x, packed, linear.bias)
+    """
+    out = weight.shape[0]
+    args = (x, weight.row_ptr, weight.col_idx, weight.values)
+    if isinstance(weight, CsrWeight):
+        if weight.scales is None:
+            return csr_linear(*args, bias, out)
+        return csr_linear_int8(*args, weight.scales, bias, out)
+    if isinstance(weight, BsrWeight):
+        if weight.scales is None:
+            return bsr_linear(*args, bias, out)
+        return bsr_linear_int8(*args, weight.scales, bias, out)
+    raise TypeError(f"weight must be a CsrWeight or BsrWeight, got {type(weight).__name__}")

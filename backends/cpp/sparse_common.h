@@ -1,0 +1,333 @@
+// Shared pieces of graphopt's sparse x dense linear kernels: threading plan, the
+// transposed-activation layout, SIMD helpers and the kernel entry points.
+//
+// Hand-written because no maintained library multiplies a sparse weight by a dense
+// activation fast on CPU for Transformer shapes: torch.sparse and scipy stay slower than
+// dense MKL/oneDNN below about 90% sparsity (measured), MKL's sparse BLAS is not exposed
+// by torch, and DeepSparse is closed and unmaintained.
+#pragma once
+
+// Kernel files include no torch header: the torch headers cost ~10 s of compile time per
+// file, and the kernels only need raw pointers.
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define GRAPHOPT_AVX2 1
+#endif
+
+namespace graphopt {
+
+// Problem description shared by all kernels. Weight rows are output features.
+struct SparseProblem {
+  const float* x;          // [m, in] row-major activations
+  float* y;                // [m, out] row-major result
+  const int32_t* row_ptr;  // [n_row_groups + 1]
+  const void* col_idx;     // int16 or int32 [nnz] (CSR) / [n_blocks] (BSR, in block units)
+  const void* values;      // float or int8 [nnz] / [n_blocks, R, C]
+  const float* scales;     // [out] per-row dequantisation scales, or nullptr
+  const float* bias;       // [out] or nullptr
+  int64_t m;               // batch rows (all leading dims of x flattened)
+  int64_t in;              // in_features
+  int64_t out;             // out_features
+  int64_t n_groups;        // CSR: out; BSR: ceil(out / R)
+  int64_t nnz;             // CSR: nonzeros; BSR: stored blocks
+  bool idx16;              // col_idx is int16
+  bool val8;               // values are int8 (then scales != nullptr)
+};
+
+// Set by a kernel that met malformed index data; checked after the parallel region
+// because exceptions must not leave an OpenMP region.
+struct IndexErrors {
+  std::atomic<bool> bad_row_ptr{false};
+  std::atomic<bool> bad_col_idx{false};
+};
+
+void csr_forward(const SparseProblem& p, IndexErrors& err);
+void bsr_forward(const SparseProblem& p, int block_r, int block_c, IndexErrors& err);
+
+namespace detail {
+
+// Below this many multiply-adds per thread, waking a second thread (~1-2 us with libgomp's
+// spinning pool) costs about what it saves: ~24k multiply-adds is 3-5 us on one core.
+// Chosen from that estimate; the shared development machine was too noisy to tune it.
+constexpr int64_t kParallelMinWork = 24 * 1024;
+// Per-row cost, in nonzeros, used to balance rows across threads.
+constexpr int64_t kRowCost = 8;
+
+// torch's CPU build uses OpenMP (the same libgomp, by soname), and torch.set_num_threads
+// sets omp_set_num_threads, so this follows torch's thread setting; inside a parallel
+// region (a caller already split the work) it stays on one thread.
+inline int plan_threads(int64_t work) {
+#ifdef _OPENMP
+  if (omp_in_parallel()) return 1;
+  const int64_t by_work = std::max<int64_t>(1, work / kParallelMinWork);
+  return static_cast<int>(std::min<int64_t>(omp_get_max_threads(), by_work));
+#else
+  (void)work;
+  return 1;
+#endif
+}
+
+// Uninitialised 64-byte-aligned float scratch.
+struct Scratch {
+  struct Free {
+    void operator()(float* p) const { std::free(p); }
+  };
+  std::unique_ptr<float, Free> ptr;
+  explicit Scratch(int64_t n) {
+    const size_t bytes = (static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(float) + 63) / 64 * 64;
+    ptr.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
+    if (!ptr) throw std::bad_alloc();
+  }
+  float* get() const { return ptr.get(); }
+};
+
+// Splits row groups [0, n) into nt parts of equal (nonzeros + kRowCost * rows), with
+// inner boundaries on multiples of 8 so that kernels can finish 8 rows with one vector
+// store. A malformed row_ptr only unbalances the split; the kernels check each row.
+inline std::vector<int64_t> split_rows(const int32_t* rp, int64_t n, int nt) {
+  std::vector<int64_t> b(nt + 1, n);
+  b[0] = 0;
+  const int64_t total = static_cast<int64_t>(rp[n]) + kRowCost * n;
+  for (int t = 1; t < nt; ++t) {
+    const int64_t target = total * t / nt;
+    int64_t lo = b[t - 1], hi = n;
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (static_cast<int64_t>(rp[mid]) + kRowCost * mid < target) lo = mid + 1; else hi = mid;
+    }
+    b[t] = std::min(n, std::max(b[t - 1], (lo + 4) / 8 * 8));
+  }
+  return b;
+}
+
+// Runs f(begin, end) over balanced row-group ranges, on one thread when the work is small.
+template <typename F>
+inline void parallel_rows(const int32_t* rp, int64_t n, int64_t work, const F& f) {
+  const int nt = plan_threads(work);
+  if (nt <= 1 || n < 2) {
+    f(int64_t{0}, n);
+    return;
+  }
+  const std::vector<int64_t> b = split_rows(rp, n, nt);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+  {
+    for (int t = omp_get_thread_num(); t < nt; t += omp_get_num_threads()) f(b[t], b[t + 1]);
+  }
+#else
+  for (int t = 0; t < nt; ++t) f(b[t], b[t + 1]);
+#endif
+}
+
+template <typename F>
+inline void parallel_range(int64_t n, int64_t work, const F& f) {
+  const int nt = static_cast<int>(std::min<int64_t>(plan_threads(work), n));
+  if (nt <= 1) {
+    f(int64_t{0}, n);
+    return;
+  }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+  {
+    for (int t = omp_get_thread_num(); t < nt; t += omp_get_num_threads())
+      f(n * t / nt, n * (t + 1) / nt);
+  }
+#else
+  for (int t = 0; t < nt; ++t) f(n * t / nt, n * (t + 1) / nt);
+#endif
+}
+
+// Eight floats in a GCC/Clang vector: the batch-tile loops are written with it rather
+// than with intrinsics so that they compile for any x86 level (two SSE registers without
+// AVX), and because GCC scalarises plain float accumulator arrays instead (measured).
+// Needs -ffp-contract=fast to become FMAs under -std=c++20.
+typedef float v8f __attribute__((vector_size(32)));
+
+inline v8f load8(const float* p) {
+  v8f r;
+  std::memcpy(&r, p, sizeof r);
+  return r;
+}
+inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
+
+template <typename V>
+inline float to_float(V v) { return static_cast<float>(v); }
+
+// Largest index in col[0:n], read as unsigned so that negative ones count as huge. The
+// kernels check each row with it before using the row (an out-of-range row is skipped
+// and reported), which keeps bounds checks out of the inner loops; it is a vectorised
+// pass over data that the row then reads from L1 anyway.
+inline uint32_t max_index(const int16_t* c, int64_t n) {
+  uint16_t m = 0;
+  int64_t i = 0;
+#ifdef GRAPHOPT_AVX2
+  // GCC leaves this reduction scalar (cmov per element); rows are short, so it showed.
+  if (n >= 16) {
+    __m256i v = _mm256_setzero_si256();
+    for (; i + 16 <= n; i += 16) v = _mm256_max_epu16(v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + i)));
+    __m128i h = _mm_max_epu16(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    // max of 8 unsigned 16-bit lanes = ~min of their complements.
+    h = _mm_minpos_epu16(_mm_xor_si128(h, _mm_set1_epi16(-1)));
+    m = static_cast<uint16_t>(~_mm_cvtsi128_si32(h));
+  }
+#endif
+  for (; i < n; ++i) m = std::max(m, static_cast<uint16_t>(c[i]));
+  return m;
+}
+inline uint32_t max_index(const int32_t* c, int64_t n) {
+  uint32_t m = 0;
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, static_cast<uint32_t>(c[i]));
+  return m;
+}
+
+#ifdef GRAPHOPT_AVX2
+inline __m256i load_idx8(const int16_t* p) {
+  return _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256i load_idx8(const int32_t* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+inline __m256 load_val8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load_val8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+#endif
+
+#ifdef GRAPHOPT_AVX2
+// In-register transpose of 8 rows of 8 floats.
+inline void transpose8x8(__m256 r[8]) {
+  __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+#endif
+
+// Batch tiles of the transposed activations: tile t holds rows [t*TB, t*TB+TB) of x as an
+// [in_pad, TB] row-major block, zero-padded. Each weight nonzero W[o, i] then needs one
+// contiguous TB-float row of a tile, so the inner loop is a plain vector FMA.
+inline void transpose_tiles(const float* x, int64_t m, int64_t in, int64_t in_pad, int tb,
+                            float* xt) {
+  const int64_t groups = (m + 7) / 8;  // 8 batch rows at a time
+  [[maybe_unused]] const int64_t in8 = in / 8 * 8;
+  parallel_range(groups, m * in * 4, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t b0 = g * 8;
+      float* dst = xt + (b0 / tb) * in_pad * tb + (b0 % tb);
+      const float* src[8];
+      for (int j = 0; j < 8; ++j) src[j] = b0 + j < m ? x + (b0 + j) * in : nullptr;
+      int64_t i = 0;
+#ifdef GRAPHOPT_AVX2
+      for (; i < in8; i += 8) {
+        __m256 r[8];
+        for (int j = 0; j < 8; ++j) r[j] = src[j] ? _mm256_loadu_ps(src[j] + i) : _mm256_setzero_ps();
+        transpose8x8(r);
+        for (int q = 0; q < 8; ++q) _mm256_storeu_ps(dst + (i + q) * tb, r[q]);
+      }
+#endif
+      for (; i < in_pad; ++i)
+        for (int j = 0; j < 8; ++j) dst[i * tb + j] = (src[j] && i < in) ? src[j][i] : 0.f;
+    }
+  });
+}
+
+// Writes one output element: y = acc * scale + bias.
+inline float finish(float acc, const float* scales, const float* bias, int64_t o) {
+  if (scales) acc *= scales[o];
+  if (bias) acc += bias[o];
+  return acc;
+}
+
+// r[i][j] <- r[j][i] for an 8 x 8 block held as 8 vectors.
+inline void transpose8(v8f r[8]) {
+#ifdef GRAPHOPT_AVX2
+  __m256 m[8];
+  for (int i = 0; i < 8; ++i) m[i] = (__m256)r[i];
+  transpose8x8(m);
+  for (int i = 0; i < 8; ++i) r[i] = (v8f)m[i];
+#else
+  float t[8][8];
+  for (int i = 0; i < 8; ++i)
+    for (int j = 0; j < 8; ++j) t[j][i] = r[i][j];
+  for (int i = 0; i < 8; ++i) r[i] = load8(t[i]);
+#endif
+}
+
+// Lane r of the result is the sum of the lanes of v[r].
+inline v8f reduce8(const v8f v[8]) {
+#ifdef GRAPHOPT_AVX2
+  const __m256 t0 = _mm256_hadd_ps((__m256)v[0], (__m256)v[1]);
+  const __m256 t1 = _mm256_hadd_ps((__m256)v[2], (__m256)v[3]);
+  const __m256 t2 = _mm256_hadd_ps((__m256)v[4], (__m256)v[5]);
+  const __m256 t3 = _mm256_hadd_ps((__m256)v[6], (__m256)v[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return (v8f)_mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+#else
+  v8f r;
+  for (int i = 0; i < 8; ++i) {
+    float s = 0.f;
+    for (int j = 0; j < 8; ++j) s += v[i][j];
+    r[i] = s;
+  }
+  return r;
+#endif
+}
+
+// Eight values as floats (int8 values converted with one vector instruction).
+template <typename V>
+inline v8f load8_as_float(const V* p) {
+  if constexpr (sizeof(V) == 4) {
+    return load8(reinterpret_cast<const float*>(p));
+  } else {
+#ifdef GRAPHOPT_AVX2
+    return (v8f)load_val8(p);
+#else
+    v8f r;
+    for (int i = 0; i < 8; ++i) r[i] = static_cast<float>(p[i]);
+    return r;
+#endif
+  }
+}
+
+// Finishes a block of outputs: res[r][j] is output row o0 + r (r < nr) for batch row
+// b0 + j (j < nb). One transpose turns it into 8 contiguous outputs per batch row, so
+// scale and bias are applied and stored as vectors instead of 64 strided scalars.
+inline void store_rows8(v8f res[8], int nr, int nb, float* y, int64_t out, int64_t b0, int64_t o0,
+                        const float* scales, const float* bias) {
+  transpose8(res);
+  if (nr == 8) {
+    const v8f sc = scales ? load8(scales + o0) : v8f{} + 1.f;
+    const v8f bi = bias ? load8(bias + o0) : v8f{};
+    for (int j = 0; j < nb; ++j) store8(y + (b0 + j) * out + o0, res[j] * sc + bi);
+    return;
+  }
+  for (int j = 0; j < nb; ++j)
+    for (int r = 0; r < nr; ++r) y[(b0 + j) * out + o0 + r] = finish(res[j][r], scales, bias, o0 + r);
+}
+
+}  // namespace detail
+}  // namespace graphopt

@@ -1,0 +1,218 @@
+// CSR kernels for y = x W^T (+ b): W [out, in] stored row-wise as (row_ptr, col_idx, values).
+//
+// Two layouts of the same product, picked by batch size:
+//  * batch 1: one sparse dot product per output row, gathering x[col]; with AVX2 eight
+//    nonzeros per gather instruction. x (a few KB) stays in L1.
+//  * batch >= 2: x is transposed once per call into tiles of TB batch rows, [in, TB]; every
+//    nonzero W[o, i] then multiplies one contiguous TB-float row of the tile, so the inner
+//    loop is a broadcast + vector FMA and each weight row is read once per tile.
+// Both finish 8 output rows at a time (one transpose, vector scale/bias/store): with ~40
+// nonzeros per row at 90% sparsity, per-row overhead otherwise costs as much as the row.
+// Rows are split across threads by nonzero count (see sparse_common.h).
+#include "sparse_common.h"
+
+namespace graphopt {
+namespace {
+
+using namespace detail;
+
+// The nonzeros [start, start + len) of row o, or an empty row (and a recorded error) when
+// the row pointer or any of the row's column indices is out of range.
+template <typename I>
+inline void checked_row(const SparseProblem& p, const I* col, int64_t o, uint32_t lim,
+                        IndexErrors& err, int64_t& start, int64_t& len) {
+  const int64_t s = p.row_ptr[o], e = p.row_ptr[o + 1];
+  start = len = 0;
+  if (s < 0 || s > e || e > p.nnz) {
+    err.bad_row_ptr.store(true, std::memory_order_relaxed);
+  } else if (max_index(col + s, e - s) > lim) {
+    err.bad_col_idx.store(true, std::memory_order_relaxed);
+  } else {
+    start = s;
+    len = e - s;
+  }
+}
+
+// Scalar part of a sparse dot product (tails, and the whole row without AVX2).
+template <typename I, typename V>
+inline float dot_scalar(const I* col, const V* val, int64_t k, int64_t n, const float* x) {
+  float s0 = 0.f, s1 = 0.f;
+  for (; k + 2 <= n; k += 2) {
+    s0 += to_float(val[k]) * x[col[k]];
+    s1 += to_float(val[k + 1]) * x[col[k + 1]];
+  }
+  if (k < n) s0 += to_float(val[k]) * x[col[k]];
+  return s0 + s1;
+}
+
+// Sparse dot product of one (checked) weight row with x, as a vector whose lanes sum to
+// the result.
+template <typename I, typename V>
+inline v8f dot_row(const I* col, const V* val, int64_t n, const float* x) {
+  int64_t k = 0;
+  v8f r = v8f{};
+#ifdef GRAPHOPT_AVX2
+  if (n >= 8) {
+    // Four accumulators: a gather's latency (~20 cycles), not its throughput, would
+    // otherwise bound the loop.
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (; k + 32 <= n; k += 32) {
+      a0 = _mm256_fmadd_ps(load_val8(val + k), _mm256_i32gather_ps(x, load_idx8(col + k), 4), a0);
+      a1 = _mm256_fmadd_ps(load_val8(val + k + 8), _mm256_i32gather_ps(x, load_idx8(col + k + 8), 4), a1);
+      a2 = _mm256_fmadd_ps(load_val8(val + k + 16), _mm256_i32gather_ps(x, load_idx8(col + k + 16), 4), a2);
+      a3 = _mm256_fmadd_ps(load_val8(val + k + 24), _mm256_i32gather_ps(x, load_idx8(col + k + 24), 4), a3);
+    }
+    for (; k + 8 <= n; k += 8)
+      a0 = _mm256_fmadd_ps(load_val8(val + k), _mm256_i32gather_ps(x, load_idx8(col + k), 4), a0);
+    r = (v8f)_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+  }
+#endif
+  r[0] += dot_scalar(col, val, k, n, x);
+  return r;
+}
+
+template <typename I, typename V>
+void csr_gather(const SparseProblem& p, IndexErrors& err) {
+  const I* col = static_cast<const I*>(p.col_idx);
+  const V* val = static_cast<const V*>(p.values);
+  const uint32_t lim = static_cast<uint32_t>(p.in - 1);
+  parallel_rows(p.row_ptr, p.out, p.nnz * p.m, [&](int64_t begin, int64_t end) {
+    for (int64_t o0 = begin; o0 < end; o0 += 8) {
+      const int nr = static_cast<int>(std::min<int64_t>(8, end - o0));
+      int64_t start[8], len[8];
+      for (int r = 0; r < 8; ++r) {
+        start[r] = len[r] = 0;
+        if (r < nr) checked_row(p, col, o0 + r, lim, err, start[r], len[r]);
+      }
+      for (int64_t b = 0; b < p.m; ++b) {
+        v8f acc[8];
+        for (int r = 0; r < 8; ++r) acc[r] = dot_row(col + start[r], val + start[r], len[r], p.x + b * p.in);
+        const v8f sums = reduce8(acc);
+        if (nr == 8) {
+          const v8f sc = p.scales ? load8(p.scales + o0) : v8f{} + 1.f;
+          const v8f bi = p.bias ? load8(p.bias + o0) : v8f{};
+          store8(p.y + b * p.out + o0, sums * sc + bi);
+        } else {
+          for (int r = 0; r < nr; ++r) p.y[b * p.out + o0 + r] = finish(sums[r], p.scales, p.bias, o0 + r);
+        }
+      }
+    }
+  });
+}
+
+// res[0:NV] = sum_k val[k] * xt[col[k], 0:TB] for one (checked) weight row and one tile.
+template <int TB, typename I, typename V>
+inline void row_tile(const I* col, const V* val, int64_t n, const float* xt, v8f* res) {
+  static_assert(TB % 8 == 0, "batch tiles are whole 8-float vectors");
+  constexpr int NV = TB / 8;
+  // S independent accumulator sets keep 8 vector FMA chains in flight: one chain would
+  // wait on FMA latency (4 cycles) instead of issuing 2 per cycle.
+  constexpr int S = NV >= 8 ? 1 : 8 / NV;
+  v8f acc[S][NV];
+#pragma GCC unroll 8
+  for (int s = 0; s < S; ++s)
+#pragma GCC unroll 8
+    for (int q = 0; q < NV; ++q) acc[s][q] = v8f{};
+  int64_t k = 0;
+  // Chunks of 8 nonzeros (S divides 8); int8 values are converted 8 at a time.
+  for (; k + 8 <= n; k += 8) {
+    alignas(32) float vconv[8];
+    if constexpr (sizeof(V) == 1) store8(vconv, load8_as_float(val + k));
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+      const float v = sizeof(V) == 1 ? vconv[j] : to_float(val[k + j]);
+      const float* xr = xt + static_cast<int64_t>(col[k + j]) * TB;
+#pragma GCC unroll 8
+      for (int q = 0; q < NV; ++q) acc[j % S][q] += v * load8(xr + 8 * q);
+    }
+  }
+  // The tail also spreads over the accumulator sets: on one set its FMAs would form a
+  // serial chain, which costs more than the loop above on short rows.
+#pragma GCC unroll 8
+  for (int j = 0; j < 7; ++j) {
+    if (k + j >= n) break;
+    const float v = to_float(val[k + j]);
+    const float* xr = xt + static_cast<int64_t>(col[k + j]) * TB;
+#pragma GCC unroll 8
+    for (int q = 0; q < NV; ++q) acc[j % S][q] += v * load8(xr + 8 * q);
+  }
+  // Pairwise, so the reduction is log2(S) additions deep.
+#pragma GCC unroll 8
+  for (int w = 1; w < S; w *= 2)
+#pragma GCC unroll 8
+    for (int s = 0; s + w < S; s += 2 * w)
+#pragma GCC unroll 8
+      for (int q = 0; q < NV; ++q) acc[s][q] += acc[s + w][q];
+#pragma GCC unroll 8
+  for (int q = 0; q < NV; ++q) res[q] = acc[0][q];
+}
+
+template <int TB, typename I, typename V>
+void csr_tiles(const SparseProblem& p, IndexErrors& err) {
+  constexpr int NV = TB / 8;
+  const I* col = static_cast<const I*>(p.col_idx);
+  const V* val = static_cast<const V*>(p.values);
+  const uint32_t lim = static_cast<uint32_t>(p.in - 1);
+  const int64_t tiles = (p.m + TB - 1) / TB;
+  Scratch buf(tiles * p.in * TB);
+  float* xt = buf.get();
+  transpose_tiles(p.x, p.m, p.in, p.in, TB, xt);
+  parallel_rows(p.row_ptr, p.out, p.nnz * p.m, [&](int64_t begin, int64_t end) {
+    // Blocks of rows whose weights fit in L2 (~192 KB), then tile by tile: a tile of x
+    // (sized to stay in L2 too) serves the whole block while its weights are reused
+    // from L2. Row-major order would cycle every tile through L2 for each row; pure
+    // tile-major re-streams all weights per tile from DRAM on big layers (measured both).
+    const int64_t block_nnz = 192 * 1024 / (sizeof(I) + sizeof(V));
+    for (int64_t rb = begin; rb < end;) {
+      int64_t re = rb;
+      const int64_t first = std::max<int64_t>(0, p.row_ptr[rb]);
+      while (re < end && (re == rb || p.row_ptr[re] - first < block_nnz)) re = std::min(end, re + 8);
+      for (int64_t t = 0; t < tiles; ++t) {
+        const float* xtt = xt + t * p.in * TB;
+        for (int64_t o0 = rb; o0 < re; o0 += 8) {
+          const int nr = static_cast<int>(std::min<int64_t>(8, re - o0));
+          v8f res[NV][8];
+          for (int r = 0; r < 8; ++r) {
+            int64_t start = 0, len = 0;
+            if (r < nr) checked_row(p, col, o0 + r, lim, err, start, len);
+            v8f row[NV];
+            row_tile<TB>(col + start, val + start, len, xtt, row);
+            for (int q = 0; q < NV; ++q) res[q][r] = row[q];
+          }
+          for (int q = 0; q < NV; ++q) {
+            const int64_t b0 = t * TB + 8 * q;
+            if (b0 >= p.m) break;
+            const int nb = static_cast<int>(std::min<int64_t>(8, p.m - b0));
+            store_rows8(res[q], nr, nb, p.y, p.out, b0, o0, p.scales, p.bias);
+          }
+        }
+      }
+      rb = re;
+    }
+  });
+}
+
+template <typename I, typename V>
+void csr_dispatch(const SparseProblem& p, IndexErrors& err) {
+  if (p.m == 1) return csr_gather<I, V>(p, err);
+  if (p.m <= 8) return csr_tiles<8, I, V>(p, err);
+  // The widest tile that covers the batch and keeps [in, TB] floats within ~256 KB, half
+  // of a Zen 3 / Skylake-SP L2, beside the streaming weights.
+  const int64_t fit = (256 * 1024 / 4) / std::max<int64_t>(p.in, 1);
+  if (p.m <= 16 || fit < 32) return csr_tiles<16, I, V>(p, err);
+  if (p.m <= 32 || fit < 64) return csr_tiles<32, I, V>(p, err);
+  return csr_tiles<64, I, V>(p, err);
+}
+
+}  // namespace
+
+void csr_forward(const SparseProblem& p, IndexErrors& err) {
+  if (p.idx16) {
+    if (p.val8) csr_dispatch<int16_t, int8_t>(p, err); else csr_dispatch<int16_t, float>(p, err);
+  } else {
+    if (p.val8) csr_dispatch<int32_t, int8_t>(p, err); else csr_dispatch<int32_t, float>(p, err);
+  }
+}
+
+}  // namespace graphopt

@@ -1,0 +1,183 @@
+// CPU implementations of the graphopt::{csr,bsr}_linear{,_int8} ops.
+//
+// The schemas live in backends/cpp/ops.py (torch.library, namespace "graphopt"); this file
+// only implements them with TORCH_LIBRARY_IMPL, because a second TORCH_LIBRARY for one
+// namespace terminates the process (measured, torch 2.13). Argument checks here are the
+// ones that protect memory: shapes, dtypes and index ranges (the kernels clamp every index
+// they read and report malformed data after the fact), so a tampered weight file gives an
+// error, never an out-of-bounds read.
+#include "sparse_common.h"
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+
+namespace graphopt {
+namespace {
+
+struct Prepared {
+  at::Tensor x2d;  // [m, in] contiguous fp32
+  at::Tensor y;    // [*lead, out]
+  std::optional<at::Tensor> bias;
+  SparseProblem p;
+};
+
+Prepared prepare(const char* op, const at::Tensor& x, const at::Tensor& row_ptr,
+                 const at::Tensor& col_idx, const at::Tensor& values,
+                 const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& bias,
+                 int64_t out_features, int64_t n_groups, int64_t nnz) {
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be on the CPU, got ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x must be float32, got ", x.scalar_type(),
+              "; cast the activations with .float()");
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension");
+  TORCH_CHECK(out_features >= 0, op, ": out_features must be >= 0, got ", out_features);
+  TORCH_CHECK(row_ptr.scalar_type() == at::kInt && row_ptr.dim() == 1 && row_ptr.is_contiguous(),
+              op, ": row_ptr must be a contiguous 1-D int32 tensor (pack with pack_csr/pack_bsr)");
+  TORCH_CHECK(row_ptr.numel() == n_groups + 1, op, ": row_ptr has ", row_ptr.numel(),
+              " entries, expected ", n_groups + 1, " for out_features=", out_features);
+  TORCH_CHECK(col_idx.scalar_type() == at::kShort || col_idx.scalar_type() == at::kInt, op,
+              ": col_idx must be int16 or int32, got ", col_idx.scalar_type());
+  TORCH_CHECK(col_idx.dim() == 1 && col_idx.is_contiguous() && col_idx.numel() == nnz, op,
+              ": col_idx must be contiguous 1-D with one entry per stored value (", nnz, ")");
+  TORCH_CHECK(values.is_contiguous(), op, ": values must be contiguous");
+  const int32_t* rp = row_ptr.data_ptr<int32_t>();
+  TORCH_CHECK(rp[0] == 0 && rp[n_groups] == nnz, op, ": row_ptr must start at 0 and end at ", nnz,
+              ", got ", rp[0], " and ", rp[n_groups]);
+  const int64_t in = x.size(-1);
+  TORCH_CHECK(nnz == 0 || in > 0, op, ": x has no features but the weight has stored values");
+  if (bias) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 1 &&
+                    bias->numel() == out_features && bias->is_contiguous(),
+                op, ": bias must be a contiguous float32 tensor of shape [", out_features, "]");
+  }
+  if (scales) {
+    TORCH_CHECK(scales->scalar_type() == at::kFloat && scales->dim() == 1 &&
+                    scales->numel() == out_features && scales->is_contiguous(),
+                op, ": scales must be a contiguous float32 tensor of shape [", out_features, "]");
+  }
+  Prepared r;
+  r.bias = bias;
+  int64_t m = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) m *= x.size(d);
+  r.x2d = x.reshape({m, in}).contiguous();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out_features;
+  r.y = at::empty(shape, x.options());
+  SparseProblem& p = r.p;
+  p.x = r.x2d.data_ptr<float>();
+  p.y = r.y.data_ptr<float>();
+  p.row_ptr = rp;
+  p.col_idx = col_idx.data_ptr();
+  p.values = values.data_ptr();
+  p.scales = scales ? scales->data_ptr<float>() : nullptr;
+  p.bias = bias ? bias->data_ptr<float>() : nullptr;
+  p.m = r.x2d.size(0);
+  p.in = in;
+  p.out = out_features;
+  p.n_groups = n_groups;
+  p.nnz = nnz;
+  p.idx16 = col_idx.scalar_type() == at::kShort;
+  p.val8 = values.scalar_type() == at::kChar;
+  return r;
+}
+
+// Output for a weight with no stored values, or no batch rows: just the bias.
+bool trivial(Prepared& r) {
+  if (r.p.m != 0 && r.p.nnz != 0) return false;
+  if (r.bias) {
+    r.y.copy_(r.bias->expand_as(r.y));
+  } else {
+    r.y.zero_();
+  }
+  return true;
+}
+
+void raise_errors(const char* op, const IndexErrors& err, int64_t col_limit) {
+  TORCH_CHECK(!err.bad_row_ptr.load(), op,
+              ": row_ptr decreases or leaves [0, nnz]; the packed weight is corrupt, pack it again");
+  TORCH_CHECK(!err.bad_col_idx.load(), op, ": col_idx holds an index outside [0, ", col_limit,
+              "); the packed weight does not match in_features of x, or is corrupt");
+}
+
+at::Tensor csr_impl(const char* op, const at::Tensor& x, const at::Tensor& row_ptr,
+                    const at::Tensor& col_idx, const at::Tensor& values,
+                    const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& bias,
+                    int64_t out_features) {
+  TORCH_CHECK(values.dim() == 1, op, ": values must be 1-D [nnz], got shape ", values.sizes());
+  Prepared r = prepare(op, x, row_ptr, col_idx, values, scales, bias, out_features, out_features,
+                       values.numel());
+  if (trivial(r)) return r.y;
+  IndexErrors err;
+  csr_forward(r.p, err);
+  raise_errors(op, err, r.p.in);
+  return r.y;
+}
+
+at::Tensor bsr_impl(const char* op, const at::Tensor& x, const at::Tensor& row_ptr,
+                    const at::Tensor& col_idx, const at::Tensor& values,
+                    const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& bias,
+                    int64_t out_features) {
+  TORCH_CHECK(values.dim() == 3 && values.size(1) > 0 && values.size(2) > 0, op,
+              ": values must be [n_blocks, R, C] with R, C >= 1, got shape ", values.sizes());
+  const int64_t R = values.size(1), C = values.size(2);
+  TORCH_CHECK(R <= 64 && C <= 64, op, ": block shape ", R, "x", C, " is larger than 64x64");
+  Prepared r = prepare(op, x, row_ptr, col_idx, values, scales, bias, out_features,
+                       (out_features + R - 1) / R, values.size(0));
+  if (trivial(r)) return r.y;
+  IndexErrors err;
+  bsr_forward(r.p, static_cast<int>(R), static_cast<int>(C), err);
+  raise_errors(op, err, (r.p.in + C - 1) / C);
+  return r.y;
+}
+
+at::Tensor csr_linear(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                      const at::Tensor& values, const std::optional<at::Tensor>& bias,
+                      int64_t out_features) {
+  const char* op = "graphopt::csr_linear";
+  TORCH_CHECK(values.scalar_type() == at::kFloat, op, ": values must be float32, got ",
+              values.scalar_type(), "; int8 weights go to graphopt::csr_linear_int8");
+  return csr_impl(op, x, row_ptr, col_idx, values, std::nullopt, bias, out_features);
+}
+
+at::Tensor csr_linear_int8(const at::Tensor& x, const at::Tensor& row_ptr,
+                           const at::Tensor& col_idx, const at::Tensor& values,
+                           const at::Tensor& scales, const std::optional<at::Tensor>& bias,
+                           int64_t out_features) {
+  const char* op = "graphopt::csr_linear_int8";
+  TORCH_CHECK(values.scalar_type() == at::kChar, op, ": values must be int8, got ",
+              values.scalar_type());
+  return csr_impl(op, x, row_ptr, col_idx, values, scales, bias, out_features);
+}
+
+at::Tensor bsr_linear(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                      const at::Tensor& values, const std::optional<at::Tensor>& bias,
+                      int64_t out_features) {
+  const char* op = "graphopt::bsr_linear";
+  TORCH_CHECK(values.scalar_type() == at::kFloat, op, ": values must be float32, got ",
+              values.scalar_type(), "; int8 weights go to graphopt::bsr_linear_int8");
+  return bsr_impl(op, x, row_ptr, col_idx, values, std::nullopt, bias, out_features);
+}
+
+at::Tensor bsr_linear_int8(const at::Tensor& x, const at::Tensor& row_ptr,
+                           const at::Tensor& col_idx, const at::Tensor& values,
+                           const at::Tensor& scales, const std::optional<at::Tensor>& bias,
+                           int64_t out_features) {
+  const char* op = "graphopt::bsr_linear_int8";
+  TORCH_CHECK(values.scalar_type() == at::kChar, op, ": values must be int8, got ",
+              values.scalar_type());
+  return bsr_impl(op, x, row_ptr, col_idx, values, scales, bias, out_features);
+}
+
+}  // namespace
+}  // namespace graphopt
+
+TORCH_LIBRARY_IMPL(graphopt, CPU, m) {
+  m.impl("csr_linear", &graphopt::csr_linear);
+  m.impl("csr_linear_int8", &graphopt::csr_linear_int8);
+  m.impl("bsr_linear", &graphopt::bsr_linear);
+  m.impl("bsr_linear_int8", &graphopt::bsr_linear_int8);
+}

@@ -1,0 +1,353 @@
+"""Tests of graphopt's C++ sparse-linear kernels, their packing, fake implementations and build cache.
+
+Numerics: every op is compared with ``F.linear`` on the weight the packing represents
+(``packed.to_dense()``: the fp32 weight itself, or the dequantised int8 one), with
+``rtol = atol = 1e-5`` on outputs of unit scale (weights scaled by 1/sqrt(in)); the kernels
+sum in a different order than MKL, so bit-equality is not expected. The extension is
+built once per session (cached across sessions in the user's cache).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from graphopt.backends.cpp import build, ops
+from graphopt.backends.cpp.ops import BsrWeight, CsrWeight, pack_bsr, pack_csr, sparse_linear
+
+RTOL = ATOL = 1e-5
+BLOCKS = [(1, 8), (1, 16), (4, 4), (8, 1), (16, 1), (2, 2), (3, 5)]
+
+
+@pytest.fixture(scope="session")
+def kernels() -> None:
+    """Builds (first session only) and loads the extension, once per test session."""
+    build.load_extension()
+
+
+def _weight(out: int, inp: int, density: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g) / math.sqrt(max(inp * density, 1.0))
+    return w * (torch.rand(out, inp, generator=g) < density)
+
+
+def _check(x: torch.Tensor, packed: CsrWeight | BsrWeight, bias: torch.Tensor | None) -> None:
+    y = sparse_linear(x, packed, bias)
+    ref = F.linear(x, packed.to_dense(), bias)
+    assert y.shape == ref.shape and y.dtype == torch.float32
+    torch.testing.assert_close(y, ref, rtol=RTOL, atol=ATOL)
+
+
+batch_shapes = st.sampled_from([(1,), (2,), (3,), (7,), (8,), (9,), (16,), (33,), (70,), (2, 5), (1, 1, 3), (0,)])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    out=st.integers(1, 70),
+    inp=st.integers(1, 300),
+    density=st.sampled_from([0.0, 0.03, 0.1, 0.3, 0.7, 1.0]),
+    batch=batch_shapes,
+    int8=st.booleans(),
+    with_bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_csr_matches_dense(kernels, out, inp, density, batch, int8, with_bias, seed) -> None:
+    w = _weight(out, inp, density, seed)
+    packed = pack_csr(w, torch.int8 if int8 else torch.float32)
+    x = torch.randn(*batch, inp, generator=torch.Generator().manual_seed(seed + 1))
+    _check(x, packed, torch.randn(out) if with_bias else None)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    out=st.integers(1, 70),
+    inp=st.integers(1, 200),
+    block=st.sampled_from(BLOCKS),
+    density=st.sampled_from([0.0, 0.05, 0.3, 1.0]),
+    batch=batch_shapes,
+    int8=st.booleans(),
+    with_bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_bsr_matches_dense(kernels, out, inp, block, density, batch, int8, with_bias, seed) -> None:
+    w = _weight(out, inp, density, seed)
+    packed = pack_bsr(w, block, torch.int8 if int8 else torch.float32)
+    x = torch.randn(*batch, inp, generator=torch.Generator().manual_seed(seed + 1))
+    _check(x, packed, torch.randn(out) if with_bias else None)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8, 24, 130])
+@pytest.mark.parametrize("layout", ["csr", "csr8", "bsr1x8", "bsr4x4", "bsr16x1", "bsr16x1_8"])
+def test_large_layers_use_threads_and_match(kernels, batch, layout) -> None:
+    # Big enough for the multi-thread path (tests/conftest.py sets 2 threads); 301 rows
+    # leave a partial 8-row group, and thread boundaries are rounded to multiples of 8.
+    w = _weight(301, 515, 0.3, seed=batch)
+    w[17:40] = 0  # a run of empty rows
+    packed = {
+        "csr": lambda: pack_csr(w),
+        "csr8": lambda: pack_csr(w, torch.int8),
+        "bsr1x8": lambda: pack_bsr(w, (1, 8)),
+        "bsr4x4": lambda: pack_bsr(w, (4, 4)),
+        "bsr16x1": lambda: pack_bsr(w, (16, 1)),
+        "bsr16x1_8": lambda: pack_bsr(w, (16, 1), torch.int8),
+    }[layout]()
+    _check(torch.randn(batch, 515), packed, torch.randn(301))
+
+
+@pytest.mark.parametrize(
+    "pack,index_dtype",
+    [
+        (pack_csr, torch.int32),
+        (lambda w: pack_bsr(w, (1, 1)), torch.int32),  # 40000 block columns: generic path
+        (lambda w: pack_bsr(w, (4, 4)), torch.int16),  # 10000 block columns
+    ],
+)
+def test_wide_input_uses_int32_indices(kernels, pack, index_dtype) -> None:
+    w = _weight(20, 40000, 0.01, seed=3)
+    w[:, -1] = 1.0  # the last column, beyond the int16 range
+    packed = pack(w)
+    assert packed.col_idx.dtype == index_dtype
+    for batch in (1, 5):
+        _check(torch.randn(batch, 40000), packed, None)
+
+
+def test_index_dtype_boundary() -> None:
+    assert pack_csr(torch.ones(2, 32767)).col_idx.dtype == torch.int16
+    assert pack_csr(torch.ones(2, 32768)).col_idx.dtype == torch.int32
+
+
+@pytest.mark.parametrize("fill", ["zeros", "ones", "one_row"])
+@pytest.mark.parametrize("layout", ["csr", "csr8", "bsr"])
+def test_all_zero_and_dense_weights(kernels, fill, layout) -> None:
+    w = {"zeros": torch.zeros(13, 29), "ones": torch.randn(13, 29), "one_row": torch.zeros(13, 29)}[fill]
+    if fill == "one_row":
+        w[5, 3] = 2.0
+    packed = {"csr": pack_csr, "csr8": lambda t: pack_csr(t, torch.int8), "bsr": lambda t: pack_bsr(t, (4, 4))}[layout](w)
+    bias = torch.randn(13)
+    for shape in ((1, 29), (6, 29), (2, 3, 29)):
+        _check(torch.randn(shape), packed, bias)
+
+
+def test_packing_round_trips() -> None:
+    w = _weight(37, 53, 0.2, seed=1)
+    assert torch.equal(pack_csr(w).to_dense(), w)
+    for block in BLOCKS:
+        assert torch.equal(pack_bsr(w, block).to_dense(), w)
+    q = pack_csr(w, torch.int8)
+    assert q.values.dtype == torch.int8 and q.scales is not None
+    # Symmetric rounding: at most half a step per entry.
+    assert ((q.to_dense() - w).abs() <= q.scales[:, None] / 2 + 1e-7).all()
+    assert torch.equal(q.row_ptr, pack_csr(w).row_ptr) and torch.equal(q.col_idx, pack_csr(w).col_idx)
+    with pytest.raises(ValueError, match="2-D"):
+        pack_csr(torch.ones(3))
+    with pytest.raises(ValueError, match="block shape"):
+        pack_bsr(w, (0, 4))
+
+
+def _op_args(kind: str, x: torch.Tensor, packed: CsrWeight | BsrWeight, bias: torch.Tensor | None):
+    out = packed.shape[0]
+    base = (x, packed.row_ptr, packed.col_idx, packed.values)
+    if packed.scales is not None:
+        return (*base, packed.scales, bias, out)
+    return (*base, bias, out)
+
+
+@pytest.mark.parametrize(
+    "name,pack",
+    [
+        ("csr_linear", pack_csr),
+        ("csr_linear_int8", lambda w: pack_csr(w, torch.int8)),
+        ("bsr_linear", lambda w: pack_bsr(w, (1, 8))),
+        ("bsr_linear_int8", lambda w: pack_bsr(w, (4, 4), torch.int8)),
+    ],
+)
+def test_fake_matches_real(kernels, name, pack) -> None:
+    w = _weight(24, 40, 0.3, seed=2)
+    packed = pack(w)
+    op = getattr(torch.ops.graphopt, name).default
+    for x in (torch.randn(3, 40), torch.randn(2, 5, 40)):
+        args = _op_args(name, x, packed, torch.randn(24))
+        # Checks the schema, fake-vs-real output metadata, and tracing through AOT dispatch.
+        torch.library.opcheck(op, args)
+        with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+            fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+        real = op(*args)
+        assert fake.shape == real.shape and fake.dtype == real.dtype
+
+
+class _SparseMlp(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = pack_csr(_weight(32, 16, 0.3, seed=4))
+        self.b = pack_bsr(_weight(8, 32, 0.3, seed=5), (4, 4), torch.int8)
+        for prefix, packed in (("a", self.a), ("b", self.b)):
+            for field in ("row_ptr", "col_idx", "values", "scales"):
+                if getattr(packed, field) is not None:
+                    self.register_buffer(f"{prefix}_{field}", getattr(packed, field))
+        self.register_buffer("bias", torch.randn(32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = ops.csr_linear(x, self.a_row_ptr, self.a_col_idx, self.a_values, self.bias, 32)
+        return ops.bsr_linear_int8(
+            torch.relu(h), self.b_row_ptr, self.b_col_idx, self.b_values, self.b_scales, None, 8
+        )
+
+
+def test_torch_export(kernels) -> None:
+    model = _SparseMlp()
+    x = torch.randn(2, 7, 16)
+    batch = torch.export.Dim("batch")
+    exported = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+    targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert {"graphopt.csr_linear.default", "graphopt.bsr_linear_int8.default"} <= targets
+    x2 = torch.randn(5, 7, 16)
+    torch.testing.assert_close(exported.module()(x2), model(x2), rtol=0, atol=0)
+
+
+def test_export_without_kernels_uses_fakes() -> None:
+    # Tracing needs only the schemas and fakes: a fresh interpreter that never builds.
+    code = textwrap.dedent(
+        """
+        import torch
+        from graphopt.backends.cpp import build, ops
+        w = ops.pack_csr(torch.eye(4))
+        class M(torch.nn.Module):
+            def forward(self, x):
+                return ops.csr_linear(x, w.row_ptr, w.col_idx, w.values, None, 4)
+        ep = torch.export.export(M(), (torch.randn(2, 4),))
+        assert build._loaded is None
+        print("ok")
+        """
+    )
+    env = {**os.environ, "GRAPHOPT_CACHE_DIR": "/nonexistent/graphopt-test"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
+
+
+def test_malformed_weights_raise(kernels) -> None:
+    w = pack_csr(_weight(16, 40, 0.5, seed=6))
+    x = torch.randn(3, 40)
+    bad_col = w.col_idx.clone()
+    bad_col[5] = 40
+    neg_col = w.col_idx.clone()
+    neg_col[-1] = -1
+    bad_ptr = w.row_ptr.clone()
+    bad_ptr[4] = bad_ptr[5] + 1
+    for m in (1, 3):
+        with pytest.raises(RuntimeError, match="col_idx"):
+            ops.csr_linear(x[:m], w.row_ptr, bad_col, w.values, None, 16)
+        with pytest.raises(RuntimeError, match="col_idx"):
+            ops.csr_linear(x[:m], w.row_ptr, neg_col, w.values, None, 16)
+        with pytest.raises(RuntimeError, match="row_ptr"):
+            ops.csr_linear(x[:m], bad_ptr, w.col_idx, w.values, None, 16)
+    with pytest.raises(RuntimeError, match="row_ptr has"):
+        ops.csr_linear(x, w.row_ptr, w.col_idx, w.values, None, 15)
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.csr_linear(x.double(), w.row_ptr, w.col_idx, w.values, None, 16)
+    b = pack_bsr(_weight(16, 40, 0.5, seed=6), (4, 4))
+    bad_bcol = b.col_idx.clone()
+    bad_bcol[0] = 10  # 40 / 4 = 10 block columns
+    with pytest.raises(RuntimeError, match="col_idx"):
+        ops.bsr_linear(x, b.row_ptr, bad_bcol, b.values, None, 16)
+
+
+def test_extension_available(kernels) -> None:
+    assert build.extension_available()
+    build.load_extension()  # idempotent
+
+
+# --- build cache: a tiny C++ source, built for real in a temporary cache ------------------
+
+_PROBE = "extern \"C\" int graphopt_probe() {{ return {value}; }}\n"
+
+
+def _probe_spec(tmp_path: Path, value: int) -> build.BuildSpec:
+    src = tmp_path / "probe.cpp"
+    src.write_text(_PROBE.format(value=value))
+    return build.BuildSpec(name="graphopt_probe", sources=(src,), cflags=("-O0",), ldflags=())
+
+
+def _builds(caplog) -> int:
+    return sum(r.message.startswith("building C++ kernels") for r in caplog.records)
+
+
+def test_cache_rebuilds_after_source_change(tmp_path: Path, caplog) -> None:
+    root = tmp_path / "cache"
+    caplog.set_level(logging.INFO, logger="graphopt.backends.cpp.build")
+    spec1 = _probe_spec(tmp_path, 1)
+    key1 = spec1.key()
+    lib1 = build.build_library(spec1, root)
+    assert lib1.exists() and (root.stat().st_mode & 0o777) == 0o700
+    assert build.build_library(spec1, root) == lib1  # cache hit
+    assert _builds(caplog) == 1
+    spec2 = _probe_spec(tmp_path, 2)  # the same file with new bytes
+    assert spec2.key() != key1
+    lib2 = build.build_library(spec2, root)
+    assert lib2 != lib1 and lib2.exists()
+    assert _builds(caplog) == 2
+    # A library that no longer matches its recorded sha256 is rebuilt, not loaded.
+    lib2.write_bytes(lib2.read_bytes() + b"tampered")
+    assert build.build_library(spec2, root) == lib2
+    assert _builds(caplog) == 3
+    assert build._sha256(lib2) == (lib2.parent / "graphopt_probe.so.sha256").read_text().strip()
+
+
+def test_stale_lock_does_not_hang(tmp_path: Path, caplog) -> None:
+    root = tmp_path / "cache"
+    spec = _probe_spec(tmp_path, 3)
+    build_dir = root / spec.key()
+    build_dir.mkdir(parents=True, mode=0o700)
+    root.chmod(0o700)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    # What a build killed mid-way leaves: cpp_extension's O_EXCL lock and our owner note.
+    (build_dir / "lock").write_text("")
+    (build_dir / "owner").write_text(str(dead.pid))
+    caplog.set_level(logging.WARNING, logger="graphopt.backends.cpp.build")
+    t0 = time.monotonic()
+    lib = build.build_library(spec, root)
+    assert lib.exists() and time.monotonic() - t0 < 120
+    assert not (build_dir / "lock").exists()
+    assert any("stale build lock" in r.message and str(dead.pid) in r.message for r in caplog.records)
+
+
+def test_concurrent_builds_build_once(tmp_path: Path) -> None:
+    spec = _probe_spec(tmp_path, 4)
+    root = tmp_path / "cache"
+    code = textwrap.dedent(
+        """
+        import json, logging, sys
+        from pathlib import Path
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+        from graphopt.backends.cpp import build
+        spec = build.BuildSpec(name="graphopt_probe", sources=(Path(sys.argv[1]),), cflags=("-O0",), ldflags=())
+        print(json.dumps(str(build.build_library(spec, Path(sys.argv[2])))))
+        """
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(spec.sources[0]), str(root)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), results
+    paths = {json.loads(out) for out, _ in results}
+    assert len(paths) == 1
+    assert sum("building C++ kernels" in err for _, err in results) == 1
