@@ -1,0 +1,175 @@
+"""A larger English training corpus that needs no download: text that ships with Python and the OS.
+
+Sources (each optional, in this order):
+
+- ``"pydoc"``: the Python Language Reference topics that ship in the standard library as
+  ``pydoc_data.topics`` (the text ``help("FOR")`` shows), about 0.5 MB of English prose.
+- ``"docstrings"``: docstrings of the standard library's own modules, classes and functions,
+  read with ``ast`` from the ``.py`` sources (never imported: ``antigravity`` would open a
+  browser), tests excluded, about 1.8 MB.
+  Both are © Python Software Foundation, under the PSF License Agreement (and the Zero-Clause
+  BSD licence for the documentation), which allows use and redistribution.
+- ``"licenses"``: the licence texts the OS ships in ``/usr/share/common-licenses`` (Debian and
+  Ubuntu), whose own terms allow verbatim copying. Absent elsewhere: then this source is empty.
+
+Text is split into sentences (a full stop, question or exclamation mark followed by a space
+and a capital), and a sentence is kept only if it reads as plain English: 5 to 40 words,
+starting with a capital and ending with ``.``, ``?`` or ``!``, no code characters
+(``()[]{}<>=_*#@$%|\\/`` and backticks), few digits, not shouted in capitals, and mostly
+lower-case alphabetic words. Sentences are de-duplicated (case and spacing folded), kept in
+source order (stable for a given Python and OS), and graphopt's held-out sentences are
+removed, then refused by ``assert_not_heldout``. The text is stable for one Python version
+and OS image; across versions it differs, so record the corpus size and digest
+(`corpus_digest`) with any result.
+
+Example::
+
+    sentences = load_corpus()            # tens of thousands of sentences, split "train"
+    sentences = load_corpus(("pydoc",))  # fast: one import, no file walk
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import logging
+import re
+import sysconfig
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Literal
+
+from graphopt.data import SentenceSplit, _heldout_set, assert_not_heldout, load_sentences
+
+__all__ = [
+    "SOURCES",
+    "Source",
+    "corpus_digest",
+    "is_english_sentence",
+    "load_corpus",
+    "load_training_sentences",
+    "split_sentences",
+]
+
+logger = logging.getLogger(__name__)
+
+Source = Literal["pydoc", "docstrings", "licenses"]
+SOURCES: tuple[Source, ...] = ("pydoc", "docstrings", "licenses")
+
+_LICENSES = Path("/usr/share/common-licenses")
+# Sentence end: . ? or ! (optionally closed by a quote or bracket), space, then a capital.
+_SPLIT = re.compile(r"(?<=[.?!])[\"')\]]?\s+(?=[\"']?[A-Z])")
+_CODE = re.compile(r"[()\[\]{}<>=_*#@$%|\\/`~^]|\.\w|\w\.\w|::|>>>|\.\.\.")
+_WORD = re.compile(r"^[\"'“‘]?[A-Za-z][a-z]*(?:['’-][a-z]+)*[\"'”’]?[,;:.?!]?[\"'”’)]?$")
+_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "lib2to3", "turtledemo"}
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of ``text`` with whitespace folded, one paragraph at a time."""
+    sentences = []
+    for paragraph in re.split(r"\n\s*\n", text):
+        flat = " ".join(paragraph.split())
+        sentences += [s.strip() for s in _SPLIT.split(flat) if s.strip()]
+    return sentences
+
+
+def is_english_sentence(sentence: str, min_words: int = 5, max_words: int = 40) -> bool:
+    """Whether ``sentence`` reads as a plain English sentence (see the module docstring)."""
+    words = sentence.split()
+    if not min_words <= len(words) <= max_words:
+        return False
+    if not (sentence[0].isupper() and sentence[-1] in ".?!") or _CODE.search(sentence):
+        return False
+    letters = [c for c in sentence if c.isalpha()]
+    if sum(c.isupper() for c in letters) > 0.15 * len(letters) or sum(c.isdigit() for c in sentence) > 4:
+        return False
+    plain = sum(1 for w in words if _WORD.match(w))
+    return plain >= 0.9 * len(words)
+
+
+def _pydoc_texts() -> Iterator[str]:
+    from pydoc_data.topics import topics
+
+    for key in sorted(topics):
+        yield topics[key]
+
+
+def _docstring_texts() -> Iterator[str]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(root.rglob("*.py")):
+        if _SKIP_DIRS.intersection(path.relative_to(root).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_bytes())
+        except (SyntaxError, ValueError, OSError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc:
+                    yield doc
+
+
+def _license_texts() -> Iterator[str]:
+    if not _LICENSES.is_dir():
+        logger.info("no %s on this system: the 'licenses' source is empty", _LICENSES)
+        return
+    for path in sorted(_LICENSES.iterdir()):
+        if path.is_file() and not path.is_symlink():
+            yield path.read_text(encoding="utf-8", errors="replace")
+
+
+_READERS = {"pydoc": _pydoc_texts, "docstrings": _docstring_texts, "licenses": _license_texts}
+
+
+def _unique_english(texts: Iterable[str], min_words: int, max_words: int, seen: set[str]) -> Iterator[str]:
+    heldout = _heldout_set()
+    for text in texts:
+        for sentence in split_sentences(text):
+            key = " ".join(sentence.lower().split())
+            if key in seen or sentence in heldout or not is_english_sentence(sentence, min_words, max_words):
+                continue
+            seen.add(key)
+            yield sentence
+
+
+def load_corpus(sources: Sequence[Source] = SOURCES, min_words: int = 5, max_words: int = 40) -> SentenceSplit:
+    """English sentences from text shipped with Python and the OS, never held-out ones.
+
+    Args:
+        sources: which of `SOURCES` to read, in order.
+        min_words, max_words: sentence length bounds, in words.
+
+    Returns:
+        a ``SentenceSplit`` of split ``"train"``, in source order, de-duplicated.
+
+    Raises:
+        ValueError: an unknown source.
+    """
+    for source in sources:
+        if source not in _READERS:
+            raise ValueError(f"unknown corpus source {source!r}; choose from {SOURCES}")
+    return _load_corpus(tuple(sources), min_words, max_words)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_corpus(sources: tuple[Source, ...], min_words: int, max_words: int) -> SentenceSplit:
+    """`load_corpus`, cached per process (reading the docstrings parses the whole stdlib)."""
+    seen: set[str] = set()
+    sentences = [s for source in sources for s in _unique_english(_READERS[source](), min_words, max_words, seen)]
+    assert_not_heldout(sentences, consumer="load_corpus")
+    logger.info("corpus: %d sentences from %s", len(sentences), ", ".join(sources))
+    return SentenceSplit(sentences, "train")
+
+
+def load_training_sentences(sources: Sequence[Source] = SOURCES) -> SentenceSplit:
+    """graphopt's own train and calibration sentences, then `load_corpus` (duplicates dropped)."""
+    own = [*load_sentences("train"), *load_sentences("calibration")]
+    seen = set(own)
+    return SentenceSplit([*own, *(s for s in load_corpus(tuple(sources)) if s not in seen)], "train")
+
+
+def corpus_digest(sentences: Sequence[str]) -> str:
+    """sha256 (first 16 hex digits) of the sentences, one per line: records which text was used."""
+    return hashlib.sha256("\n".join(sentences).encode("utf-8")).hexdigest()[:16]

@@ -1,0 +1,47 @@
+"""The training corpus built from text shipped with Python: English only, no held-out text."""
+
+from __future__ import annotations
+
+import pytest
+
+from graphopt.data import load_sentences
+from graphopt.data.corpus import (_load_corpus, corpus_digest, is_english_sentence, load_corpus,
+                                  load_training_sentences, split_sentences)
+
+
+def test_split_sentences_folds_whitespace_and_splits_on_full_stops() -> None:
+    text = "The first one ends here. The second\n  one asks why? e.g. not this.\n\nA new paragraph."
+    assert split_sentences(text) == ["The first one ends here.", "The second one asks why? e.g. not this.",
+                                     "A new paragraph."]
+
+
+@pytest.mark.parametrize("sentence, keep", [
+    ("The file is closed when the block ends.", True),
+    ("Return the value of os.path.join() for this.", False),       # code
+    ("Call it with x = 3 and see what happens.", False),           # code character
+    ("THE SOFTWARE IS PROVIDED AS IS, WITHOUT WARRANTY.", False),   # shouted
+    ("Too short to count.", False),                                # 4 words
+    ("this sentence starts with a lower-case letter.", False),
+    ("In 1999, 2000 and 2001 the numbers 12345 grew.", False),     # digits
+])
+def test_english_filter(sentence: str, keep: bool) -> None:
+    assert is_english_sentence(sentence) is keep
+
+
+def test_pydoc_corpus_is_english_deduplicated_and_never_heldout() -> None:
+    corpus = load_corpus(("pydoc",))
+    assert corpus.split == "train" and len(corpus) > 500
+    assert all(5 <= len(s.split()) <= 40 for s in corpus)
+    assert len({s.lower() for s in corpus}) == len(corpus)
+    assert not set(corpus) & set(load_sentences("heldout"))
+    _load_corpus.cache_clear()
+    again = load_corpus(["pydoc"])  # a list is fine; the order is stable across builds
+    assert corpus_digest(again) == corpus_digest(corpus)
+    with pytest.raises(ValueError, match="unknown corpus source 'wiki'"):
+        load_corpus(("wiki",))  # type: ignore[arg-type]
+
+
+def test_training_sentences_start_with_graphopts_own() -> None:
+    sentences = load_training_sentences(("pydoc",))
+    own = [*load_sentences("train"), *load_sentences("calibration")]
+    assert list(sentences[:len(own)]) == own and len(set(sentences)) == len(sentences)
