@@ -1,0 +1,130 @@
+"""Calibration plumbing shared by the quantization passes: layer selection, data, hooks, drift.
+
+- ``select_layers`` picks submodules of a type by module-name glob, and refuses a glob
+  that matches nothing (a typo would otherwise quantize nothing, silently).
+- ``calibration_batches`` tokenizes the *calibration* split (never the held-out one:
+  ``assert_not_heldout`` guards it) into batches.
+- ``capture_inputs`` runs batches with forward hooks on named layers and hands each
+  layer's input, restricted to real (non-padded) tokens, to a callback.
+- ``agreement`` is the drift figure sensitivity analysis and mixed precision use:
+  mean and worst row cosine of outputs against reference outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import logging
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from graphopt.data import assert_not_heldout, load_sentences
+from graphopt.program import Program, flatten_outputs
+from graphopt.quantization.spec import QUANT_KEY, QuantSpec
+
+__all__ = ["select_layers", "calibration_batches", "capture_inputs", "run_outputs", "agreement",
+           "get_specs", "set_spec"]
+
+logger = logging.getLogger(__name__)
+
+#: Called with (done, total) as calibration batches run.
+Progress = Callable[[int, int], None]
+
+
+def select_layers(module: nn.Module, include: Sequence[str], exclude: Sequence[str] = (),
+                  types: tuple[type[nn.Module], ...] = (nn.Linear,), *, where: str = "calibrate") -> list[str]:
+    """Names of submodules of ``types`` matched by an ``include`` glob and by no ``exclude`` glob.
+
+    Raises:
+        ValueError: a glob matches no layer of these types (the message lists a few that exist).
+    """
+    kind = " or ".join(f"nn.{t.__name__}" for t in types)
+    candidates = [name for name, sub in module.named_modules() if name and isinstance(sub, types)]
+    for option, globs in (("include", include), ("exclude", exclude)):
+        for glob in globs:
+            if not any(fnmatch.fnmatchcase(name, glob) for name in candidates):
+                more = f" (and {len(candidates) - 6} more)" if len(candidates) > 6 else ""
+                shown = ", ".join(candidates[:6]) + more
+                raise ValueError(f"{where}: {option} glob {glob!r} matches no {kind} layer; "
+                                 f"the layers are: {shown or 'none'}")
+    chosen = [n for n in candidates if any(fnmatch.fnmatchcase(n, g) for g in include)
+              and not any(fnmatch.fnmatchcase(n, g) for g in exclude)]
+    if not chosen and include:
+        raise ValueError(f"{where}: the include globs {list(include)} minus the exclude globs {list(exclude)} "
+                         f"leave no {kind} layer")
+    return chosen
+
+
+def calibration_batches(program: Program, batches: int, batch_size: int, max_length: int = 128,
+                        *, where: str = "calibrate") -> list[dict[str, torch.Tensor]]:
+    """Tokenized batches of the calibration split; the example inputs when the model has no tokenizer."""
+    if program.tokenizer is None:
+        logger.info("%s: the model has no tokenizer; calibrating on its example inputs", where)
+        return [dict(program.example_inputs)]
+    sentences = load_sentences("calibration")
+    assert_not_heldout(sentences, consumer=where)
+    wanted = min(batches * batch_size, len(sentences))
+    if wanted < batches * batch_size:
+        logger.info("%s: %d batches of %d asked, the calibration split has %d sentences",
+                    where, batches, batch_size, len(sentences))
+    chosen = list(sentences[:wanted])
+    return [dict(program.tokenizer(chosen[i:i + batch_size], max_length=max_length))
+            for i in range(0, len(chosen), batch_size)]
+
+
+def _real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``x`` [b, s, ...] restricted to the positions where ``mask`` [b, s] is set, else ``x`` itself."""
+    if mask is None or x.dim() < 3 or tuple(x.shape[:2]) != tuple(mask.shape):
+        return x
+    return x[mask.bool()]
+
+
+@contextlib.contextmanager
+def capture_inputs(module: nn.Module, names: Sequence[str],
+                   callback: Callable[[str, torch.Tensor], None]) -> Iterator[Callable[[torch.Tensor | None], None]]:
+    """Hooks ``names``; each forward hands ``callback(name, input)`` the input's real tokens.
+
+    Yields a setter for the current batch's attention mask (``None``: keep every position).
+    """
+    state: dict[str, torch.Tensor | None] = {"mask": None}
+
+    def hook_for(name: str) -> Callable[..., None]:
+        return lambda _module, args: callback(name, _real_tokens(args[0].detach(), state["mask"]))
+
+    handles = [module.get_submodule(name).register_forward_pre_hook(hook_for(name)) for name in names]
+    try:
+        yield lambda mask: state.__setitem__("mask", mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def run_outputs(module: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> list[np.ndarray]:
+    """The module's first output on each batch, as float64 numpy."""
+    with torch.inference_mode():
+        return [flatten_outputs(module(**batch))[0].double().numpy() for batch in batches]
+
+
+def agreement(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> tuple[float, float]:
+    """Mean and worst row cosine of ``outputs`` against ``reference`` (rows: the last axis)."""
+    cosines = []
+    for got, want in zip(outputs, reference):
+        got, want = got.reshape(-1, got.shape[-1]), want.reshape(-1, want.shape[-1])
+        norms = np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1)
+        cosines.append(np.sum(got * want, axis=1) / np.maximum(norms, 1e-30))
+    all_cos = np.concatenate(cosines)
+    return float(all_cos.mean()), float(all_cos.min())
+
+
+def get_specs(program: Program) -> dict[str, QuantSpec]:
+    """Module name → ``QuantSpec`` of every layer the program's annotations quantize."""
+    return {name: facts[QUANT_KEY] for name, facts in program.annotations.items()
+            if isinstance(facts.get(QUANT_KEY), QuantSpec)}
+
+
+def set_spec(program: Program, name: str, spec: QuantSpec) -> None:
+    """Writes ``spec`` as the quantization of layer ``name``."""
+    program.annotations.setdefault(name, {})[QUANT_KEY] = spec
