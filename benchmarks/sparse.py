@@ -36,10 +36,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils import mkldnn as mkldnn_utils
-
 from graphopt.backends.cpp import build
 from graphopt.backends.cpp.ops import BsrWeight, CsrWeight, pack_bsr, pack_csr, sparse_linear
+from torch.utils import mkldnn as mkldnn_utils
 
 try:
     import scipy.sparse as scipy_sparse
@@ -89,7 +88,9 @@ class Case:
     batch: int
 
 
-def make_weight(out: int, inp: int, pattern: str, sparsity: float, gen: torch.Generator) -> torch.Tensor:
+def make_weight(
+    out: int, inp: int, pattern: str, sparsity: float, gen: torch.Generator
+) -> torch.Tensor:
     w = torch.randn(out, inp, generator=gen) / math.sqrt(inp)
     if pattern == "unstructured":
         return w * (torch.rand(out, inp, generator=gen) >= sparsity)
@@ -104,7 +105,9 @@ def kernel_bytes(packed: CsrWeight | BsrWeight, batch: int) -> int:
     return n + batch * packed.shape[1] * 4
 
 
-def run_case(case: Case, budget: float, gen: torch.Generator, bw: dict[str, float]) -> dict[str, object]:
+def run_case(
+    case: Case, budget: float, gen: torch.Generator, bw: dict[str, float]
+) -> dict[str, object]:
     w = make_weight(case.out, case.inp, case.pattern, case.sparsity, gen)
     b = torch.randn(case.out, generator=gen)
     x = torch.randn(case.batch, case.inp, generator=gen)
@@ -168,9 +171,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a subset with short timing budgets")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--budget", type=float, default=None, help="seconds of timing per measurement")
-    parser.add_argument("--clock", choices=("wall", "thread"), default="wall",
-                        help="'thread': this thread's CPU time, robust on a shared machine; needs --threads 1")
+    parser.add_argument(
+        "--budget", type=float, default=None, help="seconds of timing per measurement"
+    )
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "thread"),
+        default="wall",
+        help="'thread': this thread's CPU time, robust on a shared machine; needs --threads 1",
+    )
     args = parser.parse_args(argv)
     global CLOCK
     if args.clock == "thread":
@@ -182,31 +191,47 @@ def main(argv: list[str] | None = None) -> None:
     build.load_extension()
     gen = torch.Generator().manual_seed(0)
     load0 = os.getloadavg()
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"threads={args.threads}, clock={args.clock}, load average at start {load0[0]:.1f}")
+    cpu = platform.processor() or platform.machine()
+    print(f"# {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}")
+    print(f"# threads={args.threads}, clock={args.clock}, load average at start {load0[0]:.1f}")
     with torch.inference_mode():
         bw = {
             "L2": copy_bandwidth(256 * 1024, budget),
-            "L3": copy_bandwidth(8 * 2**20, budget),
+            "L3": copy_bandwidth(4 * 2**20, budget),
             "DRAM": copy_bandwidth(512 * 2**20, max(budget, 1.0)),
         }
-    print("# copy bandwidth, (read + write) GB/s: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in bw.items()))
-    print("# speed-up = t_theirs / t_ours (> 1: ours faster); bw = bytes our kernel reads / its time,")
-    print("# frac = that over the copy bandwidth of the level the data fits in. Times are medians.")
-    header = (f"{'shape':>10} {'pattern':>12} {'sp%':>4} {'batch':>5} | {'dense us':>9} {'by':>6} | "
-              f"{'ours us':>9} {'xDense':>6} {'xTorchCSR':>9} {'xScipy':>6} | {'int8 us':>9} {'xDense':>6} | "
-              f"{'GB/s':>6} {'lvl':>4} {'frac':>5}")
-    print(header)
-    print("-" * len(header))
+    levels = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in bw.items())
+    print(f"# copy bandwidth, (read + write) GB/s: {levels}")
+    print("# speed-up = t_theirs / t_ours (> 1: ours faster); bw = bytes our kernel reads / time;")
+    print("# frac = bw over the copy bandwidth of the level the data fits in. Times: medians.")
+    print(HEADER)
+    print("-" * len(HEADER))
     with torch.inference_mode():
         for case in cases(args.quick):
-            r = run_case(case, budget, gen, bw)
-            print(f"{case.out:>4}x{case.inp:<5} {case.pattern:>12} {case.sparsity * 100:>4.0f} {case.batch:>5} | "
-                  f"{r['t_dense'] * 1e6:>9.1f} {r['dense_by']:>6} | {r['t_ours'] * 1e6:>9.1f} {r['vs_dense']:>6.2f} "
-                  f"{r['vs_torch_csr']:>9.2f} {r['vs_scipy']:>6.2f} | {r['t_ours8'] * 1e6:>9.1f} "
-                  f"{r['vs_dense8']:>6.2f} | {r['gbps']:>6.1f} {r['level']:>4} {r['bw_frac']:>5.2f}", flush=True)
-    load1 = os.getloadavg()
-    print(f"# load average at end {load1[0]:.1f} (on {os.cpu_count()} CPUs; above ~{args.threads} the numbers are noisy)")
+            print(format_row(case, run_case(case, budget, gen, bw)), flush=True)
+    load1 = os.getloadavg()[0]
+    print(
+        f"# load average at end {load1:.1f} on {os.cpu_count()} CPUs (noisy above {args.threads})"
+    )
+
+
+HEADER = (
+    f"{'shape':>10} {'pattern':>12} {'sp%':>4} {'batch':>5} | {'dense us':>9} {'by':>6} | "
+    f"{'ours us':>9} {'xDense':>6} {'xTorchCSR':>9} {'xScipy':>6} | "
+    f"{'int8 us':>9} {'xDense':>6} | {'GB/s':>6} {'lvl':>4} {'frac':>5}"
+)
+
+
+def format_row(case: Case, r: dict[str, object]) -> str:
+    """One line of the table, aligned with ``HEADER``."""
+    us = {k: float(r[k]) * 1e6 for k in ("t_dense", "t_ours", "t_ours8")}
+    return (
+        f"{case.out:>4}x{case.inp:<5} {case.pattern:>12} {case.sparsity * 100:>4.0f} "
+        f"{case.batch:>5} | {us['t_dense']:>9.1f} {r['dense_by']:>6} | "
+        f"{us['t_ours']:>9.1f} {r['vs_dense']:>6.2f} {r['vs_torch_csr']:>9.2f} "
+        f"{r['vs_scipy']:>6.2f} | {us['t_ours8']:>9.1f} {r['vs_dense8']:>6.2f} | "
+        f"{r['gbps']:>6.1f} {r['level']:>4} {r['bw_frac']:>5.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -61,7 +61,15 @@ _CACHE_FORMAT = "1"
 # -ffp-contract=fast: -std=c++20 (which cpp_extension passes) turns FMA contraction off.
 # -Wno-psabi: the 8-float vector type changes ABI without AVX (portable build); it never
 # crosses a library boundary.
-_COMMON_CFLAGS = ("-O3", "-ffp-contract=fast", "-fopenmp", "-DNDEBUG", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi")
+_COMMON_CFLAGS = (
+    "-O3",
+    "-ffp-contract=fast",
+    "-fopenmp",
+    "-DNDEBUG",
+    "-Wall",
+    "-Wno-unknown-pragmas",
+    "-Wno-psabi",
+)
 _NATIVE_CFLAGS = (*_COMMON_CFLAGS, "-march=native")
 _LDFLAGS = ("-fopenmp",)
 
@@ -126,7 +134,9 @@ class BuildSpec:
 
     def portable(self) -> BuildSpec:
         """The same build without host-specific code generation."""
-        return dataclasses.replace(self, cflags=tuple(f for f in self.cflags if f != "-march=native"))
+        return dataclasses.replace(
+            self, cflags=tuple(f for f in self.cflags if f != "-march=native")
+        )
 
 
 def default_spec() -> BuildSpec:
@@ -200,7 +210,7 @@ def _child_env() -> dict[str, str]:
     # cpp_extension looks for ninja on PATH; a venv's ninja is not there unless activated.
     dirs = [os.path.dirname(sys.executable)]
     with contextlib.suppress(ImportError, AttributeError):
-        import ninja  # noqa: PLC0415
+        import ninja
 
         dirs.insert(0, ninja.BIN_DIR)
     env["PATH"] = os.pathsep.join([*dirs, env.get("PATH", "")])
@@ -226,7 +236,9 @@ def _compile(spec: BuildSpec, build_dir: Path) -> None:
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-4000:]
         # A compiler error is final for these inputs; a killed child (signal) may not be.
-        raise BuildError(f"building {spec.name} in {build_dir} failed:\n{tail}", final=proc.returncode > 0)
+        raise BuildError(
+            f"building {spec.name} in {build_dir} failed:\n{tail}", final=proc.returncode > 0
+        )
 
 
 def _build_one(spec: BuildSpec, root: Path) -> Path:
@@ -247,7 +259,9 @@ def _build_one(spec: BuildSpec, root: Path) -> Path:
             raise BuildError(f"an earlier build in {build_dir} failed:\n{failed.read_text()}")
         _remove_stale_lock(build_dir)
         (build_dir / "owner").write_text(str(os.getpid()))
-        logger.info("building C++ kernels %s (%s) in %s; takes ~20 s, once", spec.name, key, build_dir)
+        logger.info(
+            "building C++ kernels %s (%s) in %s; takes ~20 s, once", spec.name, key, build_dir
+        )
         t0 = time.perf_counter()
         try:
             _compile(spec, build_dir)
@@ -295,7 +309,7 @@ def build_library(spec: BuildSpec | None = None, root: Path | None = None) -> Pa
             logger.warning("C++ build with flags %s failed; %s", " ".join(variant.cflags), e)
             errors.append(str(e))
     raise BuildError(
-        "could not build graphopt's C++ kernels; needs a C++17 compiler (c++ or $CXX) and the "
+        "could not build graphopt's C++ kernels; needs a C++20 compiler (c++ or $CXX) and the "
         "ninja package.\n" + "\n".join(errors)
     )
 
@@ -329,7 +343,10 @@ def load_extension() -> None:
 
 
 def extension_available() -> bool:
-    """Whether the kernels are (or can be) built and loaded here; logs why not."""
+    """Whether the kernels are loaded; builds (~20 s, once) and loads them if needed.
+
+    Logs why not, once.
+    """
     global _load_error
     if _loaded is not None:
         return True
@@ -356,6 +373,8 @@ def _compiler_id() -> str:
     cxx = os.environ.get("CXX", "c++")
     path = shutil.which(cxx) or cxx
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30, check=False)
+        out = subprocess.run(
+            [path, "--version"], capture_output=True, text=True, timeout=30, check=False
+        )
         return f"{path} {out.stdout.splitlines()[0] if out.stdout else ''}"
     return path

@@ -34,9 +34,9 @@ from torch import Tensor
 from .packing import BsrWeight, CsrWeight, pack_bsr, pack_csr
 
 __all__ = [
+    "OP_SCHEMAS",
     "BsrWeight",
     "CsrWeight",
-    "OP_SCHEMAS",
     "bsr_linear",
     "bsr_linear_int8",
     "csr_linear",
@@ -87,7 +87,12 @@ def _fake_out(x: Tensor, out_features: int) -> Tensor:
 
 @torch.library.register_fake("graphopt::csr_linear", lib=_LIB)
 def _csr_linear_fake(
-    x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, bias: Tensor | None, out_features: int
+    x: Tensor,
+    row_ptr: Tensor,
+    col_idx: Tensor,
+    values: Tensor,
+    bias: Tensor | None,
+    out_features: int,
 ) -> Tensor:
     _fake_check(x, out_features)
     return _fake_out(x, out_features)
@@ -109,7 +114,12 @@ def _csr_linear_int8_fake(
 
 @torch.library.register_fake("graphopt::bsr_linear", lib=_LIB)
 def _bsr_linear_fake(
-    x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, bias: Tensor | None, out_features: int
+    x: Tensor,
+    row_ptr: Tensor,
+    col_idx: Tensor,
+    values: Tensor,
+    bias: Tensor | None,
+    out_features: int,
 ) -> Tensor:
     _fake_check(x, out_features)
     torch._check(values.dim() == 3, lambda: "values must be [n_blocks, R, C]")
@@ -150,7 +160,12 @@ def _ensure_kernels(x: Tensor) -> None:
 
 
 def csr_linear(
-    x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, bias: Tensor | None, out_features: int
+    x: Tensor,
+    row_ptr: Tensor,
+    col_idx: Tensor,
+    values: Tensor,
+    bias: Tensor | None,
+    out_features: int,
 ) -> Tensor:
     """``y = x @ W.T + bias`` with ``W`` in CSR form and float32 values.
 
@@ -189,7 +204,12 @@ def csr_linear_int8(
 
 
 def bsr_linear(
-    x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, bias: Tensor | None, out_features: int
+    x: Tensor,
+    row_ptr: Tensor,
+    col_idx: Tensor,
+    values: Tensor,
+    bias: Tensor | None,
+    out_features: int,
 ) -> Tensor:
     """``y = x @ W.T + bias`` with ``W`` in block-sparse form and float32 values.
 

@@ -30,7 +30,7 @@ import logging
 import torch
 from torch import Tensor
 
-__all__ = ["BsrWeight", "CsrWeight", "INT16_INDEX_LIMIT", "pack_bsr", "pack_csr"]
+__all__ = ["INT16_INDEX_LIMIT", "BsrWeight", "CsrWeight", "pack_bsr", "pack_csr"]
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +153,9 @@ def _index_dtype(n_columns: int) -> torch.dtype:
 def _row_pointer(counts: Tensor) -> Tensor:
     total = int(counts.sum())
     if total > _INT32_MAX:
-        raise ValueError(f"{total} stored values exceed the int32 row-pointer range; split the layer")
+        raise ValueError(
+            f"{total} stored values exceed the int32 row-pointer range; split the layer"
+        )
     row_ptr = torch.zeros(len(counts) + 1, dtype=torch.int64)
     row_ptr[1:] = torch.cumsum(counts, 0)
     return row_ptr.to(torch.int32)
@@ -199,7 +201,9 @@ def pack_csr(weight: Tensor, dtype: torch.dtype = torch.float32) -> CsrWeight:
     return CsrWeight(row_ptr, col_idx, values.contiguous(), scales, (out, inp))
 
 
-def pack_bsr(weight: Tensor, block: tuple[int, int], dtype: torch.dtype = torch.float32) -> BsrWeight:
+def pack_bsr(
+    weight: Tensor, block: tuple[int, int], dtype: torch.dtype = torch.float32
+) -> BsrWeight:
     """Packs a dense weight ``[out, in]`` into block-sparse form, keeping nonzero blocks.
 
     Args:
@@ -232,5 +236,7 @@ def pack_bsr(weight: Tensor, block: tuple[int, int], dtype: torch.dtype = torch.
         blocks = qpad.reshape(n_br, r, n_bc, c).permute(0, 2, 1, 3)
     values = blocks[brow, bcol].contiguous()
     row_ptr = _row_pointer(torch.bincount(brow, minlength=n_br))
-    logger.debug("packed %dx%d weight as BSR %dx%d: %d blocks, %s", out, inp, r, c, len(bcol), dtype)
+    logger.debug(
+        "packed %dx%d weight as BSR %dx%d: %d blocks, %s", out, inp, r, c, len(bcol), dtype
+    )
     return BsrWeight(row_ptr, bcol.to(_index_dtype(n_bc)), values, scales, (out, inp))

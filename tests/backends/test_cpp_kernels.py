@@ -1,4 +1,4 @@
-"""Tests of graphopt's C++ sparse-linear kernels, their packing, fake implementations and build cache.
+"""Tests of graphopt's C++ sparse-linear kernels: numerics, packing, fakes, export, build cache.
 
 Numerics: every op is compared with ``F.linear`` on the weight the packing represents
 (``packed.to_dense()``: the fp32 weight itself, or the dequantised int8 one), with
@@ -22,11 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from graphopt.backends.cpp import build, ops
 from graphopt.backends.cpp.ops import BsrWeight, CsrWeight, pack_bsr, pack_csr, sparse_linear
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 RTOL = ATOL = 1e-5
 BLOCKS = [(1, 8), (1, 16), (4, 4), (8, 1), (16, 1), (2, 2), (3, 5)]
@@ -51,10 +50,14 @@ def _check(x: torch.Tensor, packed: CsrWeight | BsrWeight, bias: torch.Tensor | 
     torch.testing.assert_close(y, ref, rtol=RTOL, atol=ATOL)
 
 
-batch_shapes = st.sampled_from([(1,), (2,), (3,), (7,), (8,), (9,), (16,), (33,), (70,), (2, 5), (1, 1, 3), (0,)])
+batch_shapes = st.sampled_from(
+    [(1,), (2,), (3,), (7,), (8,), (9,), (16,), (33,), (70,), (2, 5), (1, 1, 3), (0,)]
+)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     out=st.integers(1, 70),
     inp=st.integers(1, 300),
@@ -71,7 +74,9 @@ def test_csr_matches_dense(kernels, out, inp, density, batch, int8, with_bias, s
     _check(x, packed, torch.randn(out) if with_bias else None)
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     out=st.integers(1, 70),
     inp=st.integers(1, 200),
@@ -132,10 +137,16 @@ def test_index_dtype_boundary() -> None:
 @pytest.mark.parametrize("fill", ["zeros", "ones", "one_row"])
 @pytest.mark.parametrize("layout", ["csr", "csr8", "bsr"])
 def test_all_zero_and_dense_weights(kernels, fill, layout) -> None:
-    w = {"zeros": torch.zeros(13, 29), "ones": torch.randn(13, 29), "one_row": torch.zeros(13, 29)}[fill]
+    w = {"zeros": torch.zeros(13, 29), "ones": torch.randn(13, 29), "one_row": torch.zeros(13, 29)}[
+        fill
+    ]
     if fill == "one_row":
         w[5, 3] = 2.0
-    packed = {"csr": pack_csr, "csr8": lambda t: pack_csr(t, torch.int8), "bsr": lambda t: pack_bsr(t, (4, 4))}[layout](w)
+    packed = {
+        "csr": pack_csr,
+        "csr8": lambda t: pack_csr(t, torch.int8),
+        "bsr": lambda t: pack_bsr(t, (4, 4)),
+    }[layout](w)
     bias = torch.randn(13)
     for shape in ((1, 29), (6, 29), (2, 3, 29)):
         _check(torch.randn(shape), packed, bias)
@@ -150,7 +161,9 @@ def test_packing_round_trips() -> None:
     assert q.values.dtype == torch.int8 and q.scales is not None
     # Symmetric rounding: at most half a step per entry.
     assert ((q.to_dense() - w).abs() <= q.scales[:, None] / 2 + 1e-7).all()
-    assert torch.equal(q.row_ptr, pack_csr(w).row_ptr) and torch.equal(q.col_idx, pack_csr(w).col_idx)
+    assert torch.equal(q.row_ptr, pack_csr(w).row_ptr) and torch.equal(
+        q.col_idx, pack_csr(w).col_idx
+    )
     with pytest.raises(ValueError, match="2-D"):
         pack_csr(torch.ones(3))
     with pytest.raises(ValueError, match="block shape"):
@@ -233,7 +246,14 @@ def test_export_without_kernels_uses_fakes() -> None:
         """
     )
     env = {**os.environ, "GRAPHOPT_CACHE_DIR": "/nonexistent/graphopt-test"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
 
 
@@ -271,7 +291,7 @@ def test_extension_available(kernels) -> None:
 
 # --- build cache: a tiny C++ source, built for real in a temporary cache ------------------
 
-_PROBE = "extern \"C\" int graphopt_probe() {{ return {value}; }}\n"
+_PROBE = 'extern "C" int graphopt_probe() {{ return {value}; }}\n'
 
 
 def _probe_spec(tmp_path: Path, value: int) -> build.BuildSpec:
@@ -321,7 +341,9 @@ def test_stale_lock_does_not_hang(tmp_path: Path, caplog) -> None:
     lib = build.build_library(spec, root)
     assert lib.exists() and time.monotonic() - t0 < 120
     assert not (build_dir / "lock").exists()
-    assert any("stale build lock" in r.message and str(dead.pid) in r.message for r in caplog.records)
+    assert any(
+        "stale build lock" in r.message and str(dead.pid) in r.message for r in caplog.records
+    )
 
 
 def test_concurrent_builds_build_once(tmp_path: Path) -> None:
@@ -333,7 +355,9 @@ def test_concurrent_builds_build_once(tmp_path: Path) -> None:
         from pathlib import Path
         logging.basicConfig(level=logging.INFO, stream=sys.stderr)
         from graphopt.backends.cpp import build
-        spec = build.BuildSpec(name="graphopt_probe", sources=(Path(sys.argv[1]),), cflags=("-O0",), ldflags=())
+        spec = build.BuildSpec(
+            name="graphopt_probe", sources=(Path(sys.argv[1]),), cflags=("-O0",), ldflags=()
+        )
         print(json.dumps(str(build.build_library(spec, Path(sys.argv[2])))))
         """
     )
