@@ -71,3 +71,17 @@ def test_stale_temporary_folder_of_a_dead_process_is_removed(tmp_path: Path) -> 
     check_output_target(tmp_path / "out")
     assert not stale.exists()
     assert live.exists(), "a temporary folder whose owner lives is left alone"
+
+
+def test_disk_full_keeps_previous_and_removes_temporary(tmp_path: Path) -> None:
+    import errno
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.txt").write_text("old")
+    with pytest.raises(OutputError, match="disk is full.*previous artifact is kept"):
+        with atomic_output_dir(out) as staging:
+            (staging / "a.txt").write_text("partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert (out / "a.txt").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
