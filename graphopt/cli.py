@@ -98,6 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from graphopt.errors import GraphoptError
 
     signal.signal(signal.SIGTERM, _raise_terminated)
+    # A shell that starts us in the background sets SIGINT to "ignore", and Python then
+    # installs no handler: restore Ctrl-C so an interrupt still cleans up and exits 130.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         if args.strict_plugins:
             _check_plugins()
