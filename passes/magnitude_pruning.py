@@ -1,0 +1,222 @@
+"""Prune Linear weights by magnitude: nn.Linear(W) -> nn.Linear(W ⊙ M), M a fixed 0/1 mask per layer.
+
+Invariant: lossy. Each selected ``nn.Linear`` (fnmatch globs over module names; embeddings
+are ``nn.Embedding`` and never match) ends with exactly ``round(s·n)`` of its weights (of its
+blocks, for a block pattern) at zero, ``s`` the final sparsity, chosen by magnitude
+(``graphopt.sparsity``): unstructured, R×C blocks, or N:M (reported, not sped up: CPUs have no
+N:M hardware), per layer or against one global threshold. Module types and names, output
+names and dtypes are unchanged. The mask, pattern and sparsity of each layer go to
+``program.annotations[layer]["sparsity"]``, which the ``onnxruntime`` writer (sparse
+initializers) and the ``cpp`` backend (sparse kernels) read; the notes give each layer's
+sparsity and pattern, the schedule, training and held-out agreement with the dense model.
+
+``steps = 0`` prunes once. ``steps > 0`` prunes gradually on Zhu & Gupta's cubic schedule,
+from ``initial_sparsity`` to ``sparsity`` every ``prune_every`` steps until ``prune_until``
+of the steps, distilling from the dense model (kept as ``program.teacher``) through the shared
+trainer, whose after-step hook re-applies the masks so pruned weights stay zero. A later
+training pass that does not re-apply them would fill the zeros back in: prune last.
+
+Preconditions: kind ``module``; a selected layer; a tokenizer when ``steps > 0``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+from collections.abc import Callable
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from graphopt.data import load_sentences
+from graphopt.data.corpus import SOURCES, corpus_digest, load_corpus, load_training_sentences
+from graphopt.distill import (AttentionLoss, DistillationLoss, HiddenStateLoss, OutputLoss, SoftLabelLoss,
+                              keep_teacher, sentence_embedding)
+from graphopt.errors import PassError, PreconditionError
+from graphopt.evaluate import embed, evaluate_embeddings
+from graphopt.pass_base import Pass, PassResult
+from graphopt.program import Program, flatten_outputs
+from graphopt.sparsity import SPARSITY_KEY, Pattern, PruningHook, mask_sparsity, pruning_schedule
+from graphopt.train import TrainConfig, TrainProgress, train
+
+__all__ = ["MagnitudePruningPass"]
+
+logger = logging.getLogger(__name__)
+
+_DATA = ("sentences", *SOURCES)
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneOptions:
+    """Args: sparsity: final fraction removed (an N:M pattern needs exactly 1 − N/M). pattern:
+    "unstructured", a block "RxC" ("1x8", "4x4", "16x1") or "N:M" ("2:4"). scope: "layer" or
+    "global" (one threshold over all selected layers). layers, exclude: fnmatch globs over
+    nn.Linear names. steps: trainer steps (0: prune once, no training). initial_sparsity,
+    prune_every, prune_until: the cubic schedule (final sparsity at prune_until × steps, masks
+    fixed after). batch_size, lr, warmup_steps, weight_decay, grad_clip, seed, max_length,
+    dropout: the trainer's. soft_label, hidden, attention, output: distillation loss weights
+    (0 leaves a term out; the defaults measured best on MiniLM at 90%, output cosine weighted most);
+    temperature: Hinton's T. data: "sentences" and corpus sources.
+    evaluate: held-out agreement with the dense model (evaluation only, never trained on)."""
+
+    sparsity: float = 0.9
+    pattern: str = "unstructured"
+    scope: Literal["layer", "global"] = "layer"
+    layers: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    steps: int = 0
+    initial_sparsity: float = 0.0
+    prune_every: int = 10
+    prune_until: float = 0.75
+    batch_size: int = 16
+    lr: float = 5e-4
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    max_length: int = 32
+    dropout: bool = False
+    soft_label: float = 1.0
+    hidden: float = 0.2
+    attention: float = 0.0
+    output: float = 5.0
+    temperature: float = 1.0
+    data: tuple[str, ...] = ("sentences", "pydoc")
+    evaluate: bool = True
+
+    def __post_init__(self) -> None:
+        pattern = Pattern.parse(self.pattern)  # raises ValueError naming the accepted forms
+        checks = [
+            (0.0 <= self.sparsity < 1.0, f"sparsity must be in [0, 1), got {self.sparsity}"),
+            (0.0 <= self.initial_sparsity <= self.sparsity,
+             f"initial_sparsity must be in [0, sparsity={self.sparsity}], got {self.initial_sparsity}"),
+            (pattern.fixed_sparsity is None or abs(pattern.fixed_sparsity - self.sparsity) < 1e-9,
+             f"pattern {pattern} fixes the sparsity at {pattern.fixed_sparsity}: set sparsity = "
+             f"{pattern.fixed_sparsity}"),
+            (pattern.kind != "n:m" or self.scope == "layer", f"pattern {pattern} has no global form: scope = \"layer\""),
+            (self.steps >= 0, f"steps must be >= 0, got {self.steps}"),
+            (self.prune_every >= 1, f"prune_every must be >= 1, got {self.prune_every}"),
+            (0.0 <= self.prune_until <= 1.0, f"prune_until must be in [0, 1], got {self.prune_until}"),
+            (bool(self.layers), "layers needs at least one glob (\"*\" for every nn.Linear)"),
+            (bool(self.data) and all(d in _DATA for d in self.data), f"data must name some of {list(_DATA)}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        if self.steps:
+            self.train_config()  # TrainConfig validates lr, batch size, warm-up, ...
+            self.loss()
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr,
+                           warmup_steps=min(self.warmup_steps, self.steps), weight_decay=self.weight_decay,
+                           grad_clip=self.grad_clip, seed=self.seed, max_length=self.max_length,
+                           train_mode=self.dropout)
+
+    def loss(self) -> DistillationLoss:
+        return DistillationLoss([SoftLabelLoss(self.soft_label, self.temperature), HiddenStateLoss(self.hidden),
+                                 AttentionLoss(self.attention), OutputLoss(self.output)])
+
+
+class MagnitudePruningPass(Pass):
+    """Zeroes the smallest weights of selected Linears, at once or gradually with distillation.
+
+    Attributes:
+        train_progress: optional callback for each training step (the CLI's display sets it).
+    """
+
+    name = "prune"
+    kind_in = "module"
+    kind_out = "module"
+    exact = False
+    tolerance = None
+    Options = PruneOptions
+    train_progress: Callable[[TrainProgress], None] | None = None
+
+    def _select(self, module: nn.Module) -> list[str]:
+        o = self.options
+        return [name for name, m in module.named_modules() if isinstance(m, nn.Linear)
+                and any(fnmatch.fnmatchcase(name, g) for g in o.layers)
+                and not any(fnmatch.fnmatchcase(name, g) for g in o.exclude)]
+
+    def requires(self, program: Program) -> None:
+        if not self._select(program.ir):
+            raise PreconditionError(f"prune: no nn.Linear matches layers={list(self.options.layers)} "
+                                    f"exclude={list(self.options.exclude)}")
+        if self.options.steps and program.tokenizer is None:
+            raise PreconditionError(f"prune: steps = {self.options.steps} distils on sentences and needs a text "
+                                    f"model with a tokenizer (model {program.info.get('model')!r} has none); "
+                                    "use steps = 0 to prune once")
+
+    def call(self, program: Program) -> PassResult:
+        o, names = self.options, self._select(program.ir)
+        schedule = pruning_schedule(o.steps, o.sparsity, initial=o.initial_sparsity, every=o.prune_every,
+                                    until=o.prune_until)
+        hook = PruningHook(names, pattern=o.pattern, scope=o.scope, schedule=schedule)
+        evaluate = o.evaluate and program.tokenizer is not None
+        dense = _embeddings(program.ir, program.tokenizer) if evaluate else None
+        notes: dict[str, Any] = {"pattern": str(Pattern.parse(o.pattern)), "scope": o.scope,
+                                 "target_sparsity": o.sparsity}
+        if o.steps:
+            teacher = keep_teacher(program)
+            if dense is not None:  # what pruning at once would have cost, for comparison
+                one_shot = PruningHook(names, pattern=o.pattern, scope=o.scope)
+                clone = program.clone()
+                one_shot.prune(clone.ir, o.sparsity)
+                notes["heldout_vs_dense_one_shot"] = _agreement(clone.ir, program.tokenizer, dense)
+            sentences = self._data()
+            result = train(program.ir, teacher, sentences, o.loss(), o.train_config(),
+                           tokenizer=program.tokenizer, hooks=[hook], progress=self.train_progress)
+            notes["train"] = result.as_dict()
+            notes["data"] = {"sources": list(o.data), "sentences": len(sentences), "digest": corpus_digest(sentences)}
+            notes["schedule"] = [[step, round(s, 4)] for step, s in hook.history]
+        if not hook.history or hook.history[-1][1] != o.sparsity:
+            hook.prune(program.ir, o.sparsity)
+        program.ir.eval()
+        if dense is not None:
+            notes["heldout_vs_dense"] = _agreement(program.ir, program.tokenizer, dense)
+        notes["layers"] = self._annotate(program, hook)
+        counts = np.array([[row["shape"][0] * row["shape"][1], row["zeros"]] for row in notes["layers"].values()])
+        notes["overall_sparsity"] = round(float(counts[:, 1].sum() / counts[:, 0].sum()), 5)
+        logger.info("prune: %d layers at %s sparsity %.3f (%s)", len(names), notes["pattern"],
+                    notes["overall_sparsity"], o.scope)
+        return PassResult(program, o.sparsity > 0, notes)
+
+    def _data(self) -> tuple[str, ...]:
+        sources = tuple(d for d in self.options.data if d != "sentences")
+        if "sentences" in self.options.data:
+            return tuple(load_training_sentences(sources))  # type: ignore[arg-type]
+        return tuple(load_corpus(sources))  # type: ignore[arg-type]
+
+    def _annotate(self, program: Program, hook: PruningHook) -> dict[str, Any]:
+        rows: dict[str, Any] = {}
+        pattern = str(hook.pattern)
+        for name, mask in hook.masks.items():
+            weight = program.ir.get_submodule(name).weight.detach()
+            if bool(weight[~mask].any()):
+                raise PassError(f"prune: layer {name!r} has nonzero weights outside its mask")
+            sparsity = round(mask_sparsity(mask), 5)
+            program.annotations.setdefault(name, {})[SPARSITY_KEY] = {
+                "mask": mask.clone(), "pattern": pattern, "sparsity": sparsity, "shape": list(mask.shape)}
+            rows[name] = {"shape": list(mask.shape), "pattern": pattern, "sparsity": sparsity,
+                          "zeros": int((weight == 0).sum())}
+        return rows
+
+
+def _embeddings(module: nn.Module, tokenizer: Any) -> np.ndarray:
+    def run(**inputs: torch.Tensor) -> np.ndarray:
+        return sentence_embedding(flatten_outputs(module(**inputs))[0], inputs.get("attention_mask")).float().numpy()
+    was_training = module.training
+    module.eval()
+    try:
+        return embed(run, tokenizer, load_sentences("heldout"))
+    finally:
+        module.train(was_training)
+
+
+def _agreement(module: nn.Module, tokenizer: Any, dense: np.ndarray) -> dict[str, float | int]:
+    """Held-out agreement of ``module`` with the dense model's embeddings (evaluation only)."""
+    return evaluate_embeddings(_embeddings(module, tokenizer), dense).as_dict()

@@ -1,0 +1,103 @@
+"""The prune pass on the tiny encoder: exact sparsity per layer, annotations, gradual training with distillation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import graphopt
+from graphopt import registry
+from graphopt.errors import PreconditionError
+from graphopt.program import Program
+from graphopt.sparsity import SPARSITY_KEY, pruning_schedule
+from graphopt.testing import assert_rewrite
+from graphopt.train import TrainProgress
+
+Prune = registry.passes.get("prune")
+
+
+def _linears(program: Program) -> dict[str, nn.Linear]:
+    return {n: m for n, m in program.ir.named_modules() if isinstance(m, nn.Linear)}
+
+
+def test_one_shot_prunes_every_linear_to_the_exact_sparsity(tiny_program: Program) -> None:
+    after = assert_rewrite(Prune(sparsity=0.7, evaluate=False), tiny_program, sqnr_floor=-20.0)
+    linears = _linears(after)
+    assert len(linears) == 12  # 2 layers × (q, k, v, o, intermediate, output); embeddings untouched
+    for name, linear in linears.items():
+        zeros = int((linear.weight == 0).sum())
+        assert zeros == round(0.7 * linear.weight.numel()), name
+        note = after.annotations[name][SPARSITY_KEY]
+        assert note["pattern"] == "unstructured" and note["sparsity"] == pytest.approx(0.7, abs=1e-3)
+        assert torch.equal(note["mask"], linear.weight != 0)
+    assert not (after.ir.embeddings.word_embeddings.weight == 0).any()
+
+
+def test_block_and_n_of_m_patterns_and_the_notes(tiny_program: Program) -> None:
+    result = Prune(sparsity=0.5, pattern="4x4", layers=("layers.0.*",), evaluate=False)(tiny_program.clone())
+    rows = result.notes["layers"]
+    assert sorted(rows) == sorted(n for n in _linears(tiny_program) if n.startswith("layers.0."))
+    for name, row in rows.items():
+        w = result.program.ir.get_submodule(name).weight
+        blocks = (w != 0).reshape(w.shape[0] // 4, 4, w.shape[1] // 4, 4).any(3).any(1)
+        assert int((~blocks).sum()) == blocks.numel() // 2 and row["pattern"] == "4x4"
+    result = Prune(sparsity=0.5, pattern="2:4", evaluate=False)(tiny_program.clone())
+    w = result.program.ir.get_submodule("layers.1.ffn.output").weight
+    assert bool(((w != 0).reshape(w.shape[0], -1, 4).sum(-1) == 2).all())
+    assert result.notes["overall_sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_global_scope_hits_the_total(tiny_program: Program) -> None:
+    result = Prune(sparsity=0.8, scope="global", evaluate=False)(tiny_program.clone())
+    total = sum(r["shape"][0] * r["shape"][1] for r in result.notes["layers"].values())
+    masked = sum(round(r["sparsity"] * r["shape"][0] * r["shape"][1]) for r in result.notes["layers"].values())
+    assert masked == pytest.approx(round(0.8 * total), abs=2)
+    assert len({r["sparsity"] for r in result.notes["layers"].values()}) > 1  # per-layer share differs
+
+
+def test_options_are_validated_with_clear_messages(tiny_program: Program) -> None:
+    with pytest.raises(ValueError, match="fixes the sparsity at 0.5"):
+        Prune(pattern="2:4")
+    with pytest.raises(ValueError, match="unknown sparsity pattern"):
+        Prune(pattern="3-by-3")
+    with pytest.raises(ValueError, match="sparsity must be in"):
+        Prune(sparsity=1.5)
+    with pytest.raises(PreconditionError, match="no nn.Linear matches"):
+        Prune(layers=("nothing.*",))(tiny_program)
+
+
+def test_gradual_pruning_with_distillation_keeps_masked_weights_zero(tiny_program: Program) -> None:
+    """A few steps through the shared trainer: cubic schedule, masks re-applied after every step."""
+    schedule = pruning_schedule(6, 0.8, every=2, until=0.7)  # {0: 0.0, 2: ~0.58, 4: 0.8}
+    reached = {step: max(s for t, s in schedule.items() if t <= step) for step in range(6)}
+    program, seen = tiny_program, []
+
+    def check(progress: TrainProgress) -> None:  # runs after every step, after the hooks
+        seen.append(progress.step)
+        for name, linear in _linears(program).items():
+            zeros = float((linear.weight == 0).float().mean())
+            assert zeros >= reached[progress.step - 1] - 1e-3, (progress.step, name, zeros)
+
+    before = {n: m.weight.detach().clone() for n, m in _linears(program).items()}
+    pass_ = Prune(sparsity=0.8, steps=6, prune_every=2, prune_until=0.7, batch_size=4, lr=1e-3,
+                  max_length=16, data=("sentences",), evaluate=True)
+    pass_.train_progress = check
+    result = pass_(program)
+    assert seen == [1, 2, 3, 4, 5, 6]
+    notes = result.notes
+    assert notes["schedule"] == [[t, round(s, 4)] for t, s in schedule.items()] and notes["train"]["steps"] == 6
+    assert {"heldout_vs_dense", "heldout_vs_dense_one_shot"} <= set(notes)
+    assert result.program.teacher is not None  # the dense model, for distillation
+    for name, linear in _linears(result.program).items():
+        mask = result.program.annotations[name][SPARSITY_KEY]["mask"]
+        assert int((~mask).sum()) == round(0.8 * mask.numel())
+        assert bool((linear.weight[~mask] == 0).all())
+        assert not torch.equal(linear.weight[mask], before[name][mask])  # the kept weights trained
+    assert not result.program.ir.training
+
+
+def test_registered_and_usable_in_a_pipeline(tiny_bundle) -> None:
+    program = graphopt.Pipeline([Prune(sparsity=0.5, evaluate=False)]).run(graphopt.trace(tiny_bundle))
+    record = program.history[-1]
+    assert record.name == "prune" and not record.exact and record.notes["overall_sparsity"] == pytest.approx(0.5)
