@@ -2,8 +2,9 @@
 
 Before: a module program. After: the same module, unchanged, and
 ``program.annotations[name]["quant"]`` holding each selected layer's ``QuantSpec``: its
-mode, the weight's format and scales (per output channel, or per block of inputs), and for
-static layers the input activation's calibrated scale and zero point.
+mode, the weight's format and scales (per output channel, or per block of inputs), for
+static layers the input activation's calibrated scale and zero point, and with
+``smoothing`` SmoothQuant's per-input-channel factors (layers reading one tensor share them).
 
 Invariant: the module is not modified (exact, tolerance 0). Calibration data is the
 *calibration* split of graphopt's sentences (``assert_not_heldout`` refuses held-out text),
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+
+import numpy as np
 from typing import Callable, Literal
 
 import torch
@@ -24,8 +27,8 @@ from torch import nn
 from graphopt.pass_base import Pass, PassResult
 from graphopt.program import Program
 from graphopt.quantization import (OBSERVERS, SUPPORTED_BITS, QuantSpec, TensorQuant, calibrate_weight,
-                                   calibration_batches, capture_inputs, make_observer, select_layers, set_spec,
-                                   weight_format)
+                                   calibration_batches, capture_inputs, get_specs, make_observer, select_layers,
+                                   set_spec, smoothing_factors, weight_format)
 
 __all__ = ["QuantCalibrationPass"]
 
@@ -41,7 +44,9 @@ class CalibrateOptions:
     block_size: 0 for one scale per output channel, else inputs per block (a power of two >= 16; weight-only).
     weight_observer / activation_observer: minmax, moving-average, percentile, mse.
     percentile: for the percentile observer. activation_signed: s8 instead of u8 inputs.
-    embeddings: nn.Embedding
+    smoothing: SmoothQuant migration strength α in [0, 1) (0: off): input channel j is divided
+    by ``max|x_j|^α / max|W_:j|^(1-α)`` and the weight column multiplied by it. smooth: globs of
+    the layers to smooth (among the selected). embeddings: nn.Embedding
     globs stored weight-only; embedding_bits, embedding_block_size: their format.
     batches, batch_size, max_length: calibration data."""
 
@@ -56,6 +61,8 @@ class CalibrateOptions:
     activation_observer: str = "minmax"
     percentile: float = 99.99
     activation_signed: bool = False
+    smoothing: float = 0.0
+    smooth: tuple[str, ...] = ("*",)
     embeddings: tuple[str, ...] = ()
     embedding_bits: int = 8
     embedding_block_size: int = 32
@@ -87,6 +94,11 @@ class CalibrateOptions:
             raise ValueError("embedding_block_size must be a power of two >= 16")
         if min(self.batches, self.batch_size, self.max_length) < 1:
             raise ValueError("batches, batch_size and max_length must be at least 1")
+        if not 0 <= self.smoothing < 1:
+            raise ValueError(f"smoothing is a migration strength in [0, 1), got {self.smoothing}")
+        if self.smoothing and self.mode == "weight-only":
+            raise ValueError("smoothing moves activation outliers into the weights; it applies to static and "
+                             "dynamic layers, not weight-only ones")
         if not 50 < self.percentile <= 100:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
 
@@ -108,42 +120,85 @@ class QuantCalibrationPass(Pass):
         module = program.ir
         layers = select_layers(module, o.include, o.exclude, where=self.name)
         tables = select_layers(module, o.embeddings, (), (nn.Embedding,), where=self.name) if o.embeddings else []
-        inputs = self._observe_inputs(program, layers) if o.mode == "static" else {}
-        notes = {"mode": o.mode, "layers": len(layers), "embeddings": tables}
+        smoothed = ([n for n in select_layers(module, o.smooth, (), where=f"{self.name}: smooth") if n in layers]
+                    if o.smoothing else [])
+        batches = self._batches(program) if o.mode == "static" or smoothed else []
+        factors = self._smoothing_factors(program, smoothed, batches) if smoothed else {}
+        inputs = self._observe_inputs(program, layers, batches, factors) if o.mode == "static" else {}
         for name in layers:
-            linear = module.get_submodule(name)
+            weight = module.get_submodule(name).weight.detach()
+            if name in factors:
+                weight = weight * factors[name]
             wtq = weight_format(o.weight_bits, o.weight_scheme, "per-block" if o.block_size else "per-channel",
                                 o.block_size or None, reduce_range=o.reduce_range and o.mode != "weight-only")
             act = TensorQuant(8, o.activation_signed, "asymmetric", "per-tensor")
-            spec = QuantSpec(o.mode, "linear", tuple(linear.weight.shape),
-                             weight=calibrate_weight(linear.weight, wtq, o.weight_observer),
-                             input=inputs[name] if o.mode == "static" else (act if o.mode == "dynamic" else None))
-            set_spec(program, name, spec)
+            set_spec(program, name, QuantSpec(
+                o.mode, "linear", tuple(weight.shape), weight=calibrate_weight(weight, wtq, o.weight_observer),
+                input=inputs[name] if o.mode == "static" else (act if o.mode == "dynamic" else None),
+                smoothing=factors[name].numpy().astype(np.float32) if name in factors else None))
         for name in tables:
             table = module.get_submodule(name).weight
             tq = weight_format(o.embedding_bits, "asymmetric", "per-block", o.embedding_block_size)
             set_spec(program, name, QuantSpec("weight-only", "embedding", tuple(table.shape),
                                               weight=calibrate_weight(table, tq, "minmax")))
-        if inputs:
-            notes["data"] = program.info.get("calibration_data", "")
-        logger.info("calibrate: %d layers (%s), %d embedding tables", len(layers), o.mode, len(tables))
+        notes = {"mode": o.mode, "layers": len(layers), "smoothed": smoothed, "embeddings": tables,
+                 "data": program.info.get("calibration_data") if batches else None,
+                 "specs": {n: s.as_dict() for n, s in get_specs(program).items() if n in layers + tables}}
+        logger.info("calibrate: %d layers (%s), %d smoothed, %d embedding tables", len(layers), o.mode,
+                    len(smoothed), len(tables))
         return PassResult(program, modified=bool(layers or tables), notes=notes)
 
-    def _observe_inputs(self, program: Program, layers: list[str]) -> dict[str, TensorQuant]:
-        """Runs the calibration batches with one input observer per layer."""
+    def _batches(self, program: Program) -> list[dict[str, torch.Tensor]]:
         o = self.options
         batches = calibration_batches(program, o.batches, o.batch_size, o.max_length, where=self.name)
         program.info["calibration_data"] = (f"{sum(len(next(iter(b.values()))) for b in batches)} sentences of the "
                                             "calibration split" if program.tokenizer else "the example inputs")
-        fmt = TensorQuant(8, o.activation_signed, "asymmetric", "per-tensor")
-        extra = {"percentile": o.percentile} if o.activation_observer == "percentile" else {}
-        observers = {name: make_observer(o.activation_observer, fmt, **extra) for name in layers}
-        with capture_inputs(program.ir, layers, lambda name, x: observers[name].update(x)) as set_mask:
+        return batches
+
+    def _run(self, program: Program, layers: list[str], batches: list[dict],
+             callback: Callable[[str, torch.Tensor], None]) -> None:
+        with capture_inputs(program.ir, layers, callback) as set_mask:
             for index, batch in enumerate(batches):
                 set_mask(batch.get("attention_mask"))
                 with torch.no_grad():
                     program.ir(**batch)
                 self._report(index + 1, len(batches))
+
+    def _smoothing_factors(self, program: Program, layers: list[str], batches: list[dict]) -> dict[str, torch.Tensor]:
+        """SmoothQuant factors; layers reading the same tensor (equal statistics) share theirs."""
+        absmax: dict[str, torch.Tensor] = {}
+
+        def collect(name: str, x: torch.Tensor) -> None:
+            seen = x.reshape(-1, x.shape[-1]).abs().amax(0)
+            absmax[name] = torch.maximum(absmax[name], seen) if name in absmax else seen
+
+        self._run(program, layers, batches, collect)
+        groups: list[list[str]] = []
+        for name in layers:
+            group = next((g for g in groups if torch.equal(absmax[g[0]], absmax[name])), None)
+            if group is None:
+                groups.append([name])
+            else:
+                group.append(name)
+        factors = {}
+        for group in groups:
+            weights = [program.ir.get_submodule(n).weight.detach() for n in group]
+            shared = smoothing_factors(absmax[group[0]], weights, self.options.smoothing)
+            factors.update({n: shared for n in group})
+        return factors
+
+    def _observe_inputs(self, program: Program, layers: list[str], batches: list[dict],
+                        factors: dict[str, torch.Tensor]) -> dict[str, TensorQuant]:
+        """Runs the calibration batches with one input observer per layer (on ``x / s`` where smoothed)."""
+        o = self.options
+        fmt = TensorQuant(8, o.activation_signed, "asymmetric", "per-tensor")
+        extra = {"percentile": o.percentile} if o.activation_observer == "percentile" else {}
+        observers = {name: make_observer(o.activation_observer, fmt, **extra) for name in layers}
+
+        def observe(name: str, x: torch.Tensor) -> None:
+            observers[name].update(x / factors[name] if name in factors else x)
+
+        self._run(program, layers, batches, observe)
         return {name: observers[name].compute() for name in layers}
 
     def _report(self, done: int, total: int) -> None:

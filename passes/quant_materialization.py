@@ -11,6 +11,8 @@ Per layer mode (the layer found through the exporter's ``name_scopes`` metadata)
   runs ``QuantizeLinear`` + ``MatMulIntegerToFloat``. The output stays float: every consumer
   in a fused encoder (SkipLayerNormalization, MultiHeadAttention, BiasGelu) is a float kernel,
   and the bias the module's output includes is folded into those, not into the MatMul.
+* smoothed static/dynamic layers (SmoothQuant factors ``s`` in the spec): ``Mul(x, 1/s)``
+  (shared by the layers that read ``x``) before the quantization, and ``diag(s)·W`` quantized.
 * weight-only: ``MatMulNBits`` (com.microsoft) with the ``accuracy_level`` of the recipe, or
   with ``weight_only_format = "dequantize"`` a blocked ``DequantizeLinear`` (opset 21) into the
   MatMul, which ORT fuses into ``MatMulNBits`` at the session's own accuracy level.
@@ -125,15 +127,36 @@ class QuantMaterializationPass(Pass):
             return self._static(graph, node, spec, shared)
         return self._weight_only(graph, node, spec)
 
+    def _smoothed_input(self, graph: ir.Graph, node: ir.Node, spec: QuantSpec, shared: dict) -> ir.Value:
+        """``x``, or ``Mul(x, 1/s)`` (shared) when the layer is smoothed."""
+        x = node.inputs[0]
+        if not spec.smoothed:
+            return x
+        key = ("smooth", x, spec.smoothing.tobytes())
+        if key not in shared:
+            inverse = add_initializer(graph, f"{x.name}_smoothing", (1.0 / spec.smoothing).astype(np.float32))
+            mul = ir.node("Mul", [x, inverse], name=f"{x.name}_smooth")
+            graph.insert_before(node, mul)
+            shared[key] = (mul.outputs[0],)
+        return shared[key][0]
+
+    @staticmethod
+    def _weight_codes(weight: ir.Value, spec: QuantSpec) -> np.ndarray:
+        """The layer's integer weight ``[in, out]``, of ``diag(s)·W`` when smoothed."""
+        onnx_weight = weight.const_value.numpy()
+        if spec.smoothed:
+            onnx_weight = onnx_weight * spec.smoothing[:, None]
+        return integer_weight(onnx_weight, spec.weight).T
+
     def _dynamic(self, graph: ir.Graph, node: ir.Node, spec: QuantSpec, shared: dict) -> str:
-        x, weight = node.inputs[0], node.inputs[1]
+        x, weight = self._smoothed_input(graph, node, spec, shared), node.inputs[1]
         tq = spec.weight
         if ("dynamic", x) not in shared:
             dql = ir.node("DynamicQuantizeLinear", [x], num_outputs=3, name=f"{x.name}_dynamic_quant")
             graph.insert_before(node, dql)
             shared[("dynamic", x)] = tuple(dql.outputs)
         x_q, x_scale, x_zero = shared[("dynamic", x)]
-        codes = integer_weight(weight.const_value.numpy(), tq).T
+        codes = self._weight_codes(weight, spec)
         dtype = np.int8 if tq.signed else np.uint8
         w_q = add_initializer(graph, f"{weight.name}_quantized", codes.astype(dtype))
         w_zero = add_initializer(graph, f"{weight.name}_zero_point", tq.zero_point.reshape(-1).astype(dtype))
@@ -146,18 +169,22 @@ class QuantMaterializationPass(Pass):
         return "MatMulInteger"
 
     def _static(self, graph: ir.Graph, node: ir.Node, spec: QuantSpec, shared: dict) -> str:
-        x, weight = node.inputs[0], node.inputs[1]
+        x, weight = self._smoothed_input(graph, node, spec, shared), node.inputs[1]
         tq, xq = spec.weight, spec.input
         key = ("static", x, float(xq.scale), int(xq.zero_point), xq.signed)
         if key not in shared:
+            # Layers reading one tensor share its quantization when their scales agree (calibration);
+            # after QAT learned them apart, each distinct scale gets its own, distinctly named, pair.
+            variant = sum(1 for k in shared if k[:2] == ("static", x))
+            suffix = f"_{variant}" if variant else ""
             x_dtype = np.int8 if xq.signed else np.uint8
             s = add_initializer(graph, f"{x.name}_scale", xq.scale.reshape(()).astype(np.float32))
             z = add_initializer(graph, f"{x.name}_zero_point", xq.zero_point.reshape(()).astype(x_dtype))
-            q = ir.node("QuantizeLinear", [x, s, z], name=f"{x.name}_quantize")
-            dq = ir.node("DequantizeLinear", [q.outputs[0], s, z], name=f"{x.name}_dequantize")
+            q = ir.node("QuantizeLinear", [x, s, z], name=f"{x.name}_quantize{suffix}")
+            dq = ir.node("DequantizeLinear", [q.outputs[0], s, z], name=f"{x.name}_dequantize{suffix}")
             graph.insert_before(node, [q, dq])
             shared[key] = (dq.outputs[0],)
-        codes = integer_weight(weight.const_value.numpy(), tq).T
+        codes = self._weight_codes(weight, spec)
         dtype = np.int8 if tq.signed else np.uint8
         w_q = add_initializer(graph, f"{weight.name}_quantized", codes.astype(dtype))
         w_scale = add_initializer(graph, f"{weight.name}_scale", tq.scale.reshape(-1))

@@ -42,13 +42,16 @@ class ModeSelectionOptions:
     """Args: candidates: modes to choose from, preferred (fastest) first; float last.
     min_mean_cosine, min_worst_cosine: the drift budget, on calibration outputs.
     weight_only_block_size: block of the 8-bit weight-only candidate. batches, batch_size,
-    max_length: calibration data for the measurements."""
+    max_length: calibration data for the budget check (all 150 calibration sentences by
+    default: the worst-case cosine needs the short ones); sensitivity_batches: the first few
+    of those batches, for ranking layers one at a time."""
 
     candidates: tuple[Candidate, ...] = ("static", "dynamic", "float")
     min_mean_cosine: float = 0.995
     min_worst_cosine: float = 0.98
     weight_only_block_size: int = 32
-    batches: int = 2
+    batches: int = 10
+    sensitivity_batches: int = 2
     batch_size: int = 16
     max_length: int = 128
 
@@ -62,8 +65,8 @@ class ModeSelectionOptions:
         for what, value in (("min_mean_cosine", self.min_mean_cosine), ("min_worst_cosine", self.min_worst_cosine)):
             if not -1 <= value <= 1:
                 raise ValueError(f"{what} must be a cosine in [-1, 1], got {value}")
-        if min(self.batches, self.batch_size, self.max_length) < 1:
-            raise ValueError("batches, batch_size and max_length must be at least 1")
+        if min(self.batches, self.sensitivity_batches, self.batch_size, self.max_length) < 1:
+            raise ValueError("batches, sensitivity_batches, batch_size and max_length must be at least 1")
 
 
 class QuantModeSelectionPass(Pass):
@@ -94,7 +97,7 @@ class QuantModeSelectionPass(Pass):
         batches = calibration_batches(program, o.batches, o.batch_size, o.max_length, where=self.name)
         options = {name: {mode: self._spec_for(program.ir, name, spec, mode) for mode in o.candidates}
                    for name, spec in specs.items()}
-        probe = _Probe(program.ir, batches, fixed, options)
+        probe = _Probe(program.ir, batches, o.sensitivity_batches, fixed, options)
         chosen, reasons, moves, current = self._assign(probe, list(specs))
         ranked = sorted(specs, key=lambda n: -self._cost(probe.layer(n, o.candidates[0])))
         layers = {}
@@ -163,27 +166,29 @@ class QuantModeSelectionPass(Pass):
             fmt = TensorQuant(8, spec.input.signed if spec.input else False, "asymmetric", "per-tensor")
             return spec.replace(mode="dynamic", input=fmt)
         block = weight_format(8, "symmetric", "per-block", self.options.weight_only_block_size)
-        return spec.replace(mode="weight-only", input=None,
+        return spec.replace(mode="weight-only", input=None, smoothing=None,
                             weight=block_params(module.get_submodule(name).weight, block))
 
 
 class _Probe:
     """Runs the calibration batches with some layers fake-quantized; caches each layer's drift per mode."""
 
-    def __init__(self, module: nn.Module, batches: list[dict], fixed: dict[str, QuantSpec],
+    def __init__(self, module: nn.Module, batches: list[dict], sensitivity_batches: int, fixed: dict[str, QuantSpec],
                  options: dict[str, dict[str, QuantSpec]]) -> None:
         self.module, self.batches, self.fixed, self.options = module, batches, fixed, options
+        self.few = min(sensitivity_batches, len(batches))
         self.reference = run_outputs(module, batches)
         self.measured: dict[str, dict[str, tuple[float, float]]] = {name: {} for name in options}
 
-    def model(self, modes: dict[str, str]) -> tuple[float, float]:
+    def model(self, modes: dict[str, str], batches: int | None = None) -> tuple[float, float]:
         """Mean and worst output cosine with every named layer in its mode (the rest float)."""
         assignment = {**self.fixed, **{name: self.options[name][mode] for name, mode in modes.items()}}
+        count = batches or len(self.batches)
         with swap_fake_quant(self.module, assignment):
-            return agreement(run_outputs(self.module, self.batches), self.reference)
+            return agreement(run_outputs(self.module, self.batches[:count]), self.reference[:count])
 
     def layer(self, name: str, mode: str) -> tuple[float, float]:
-        """The drift of ``name`` alone in ``mode``, measured once."""
+        """The drift of ``name`` alone in ``mode`` on the first few batches, measured once."""
         if mode not in self.measured[name]:
-            self.measured[name][mode] = self.model({name: mode})
+            self.measured[name][mode] = self.model({name: mode}, self.few)
         return self.measured[name][mode]

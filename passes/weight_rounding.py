@@ -41,7 +41,8 @@ class RoundingOptions:
     per-block clipping searched for the least weight error). search: how GPTQ sets block
     scales (minmax or mse). act_order: GPTQ columns by decreasing Hessian diagonal.
     damp: Hessian dampening, a fraction of its mean diagonal. modes: which specs' layers to
-    round. include: module-name globs among those. batches, batch_size, max_length: data."""
+    round (smoothed layers are left to round-to-nearest). include: module-name globs among
+    those. batches, batch_size, max_length: data."""
 
     method: Literal["gptq", "mse"] = "gptq"
     search: Literal["minmax", "mse"] = "mse"
@@ -76,7 +77,7 @@ class WeightRoundingPass(Pass):
     def _selected(self, program: Program) -> dict[str, QuantSpec]:
         o = self.options
         return {n: s for n, s in get_specs(program).items() if s.kind == "linear" and s.mode in o.modes
-                and s.weight is not None and any(fnmatch.fnmatchcase(n, g) for g in o.include)}
+                and s.weight is not None and not s.smoothed and any(fnmatch.fnmatchcase(n, g) for g in o.include)}
 
     def requires(self, program: Program) -> None:
         if not self._selected(program):

@@ -8,7 +8,7 @@ export. Everything here is plain data and torch/numpy code; no pass is imported.
 from __future__ import annotations
 
 from graphopt.quantization.calibration import (agreement, calibration_batches, capture_inputs, get_specs,
-                                               run_outputs, select_layers, set_spec)
+                                               run_outputs, select_layers, set_spec, smoothing_factors)
 from graphopt.quantization.modules import QuantEmbedding, QuantLinear, fake_quantize_dynamic, swap_fake_quant
 from graphopt.quantization.observers import (OBSERVERS, MinMaxObserver, MovingAverageMinMaxObserver,
                                              MseObserver, Observer, PercentileObserver, make_observer)
@@ -22,5 +22,5 @@ __all__ = [
     "MovingAverageMinMaxObserver", "PercentileObserver", "MseObserver", "make_observer", "QuantLinear",
     "QuantEmbedding", "swap_fake_quant", "fake_quantize_dynamic", "weight_format", "calibrate_weight",
     "block_params", "gptq", "select_layers", "calibration_batches", "capture_inputs", "run_outputs",
-    "agreement", "get_specs", "set_spec",
+    "agreement", "get_specs", "set_spec", "smoothing_factors",
 ]

@@ -6,6 +6,7 @@
   ``assert_not_heldout`` guards it) into batches.
 - ``capture_inputs`` runs batches with forward hooks on named layers and hands each
   layer's input, restricted to real (non-padded) tokens, to a callback.
+- ``smoothing_factors`` computes SmoothQuant's per-channel factors.
 - ``agreement`` is the drift figure sensitivity analysis and mixed precision use:
   mean and worst row cosine of outputs against reference outputs.
 """
@@ -25,8 +26,8 @@ from graphopt.data import assert_not_heldout, load_sentences
 from graphopt.program import Program, flatten_outputs
 from graphopt.quantization.spec import QUANT_KEY, QuantSpec
 
-__all__ = ["select_layers", "calibration_batches", "capture_inputs", "run_outputs", "agreement",
-           "get_specs", "set_spec"]
+__all__ = ["select_layers", "calibration_batches", "capture_inputs", "smoothing_factors", "run_outputs",
+           "agreement", "get_specs", "set_spec"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,19 @@ def capture_inputs(module: nn.Module, names: Sequence[str],
     finally:
         for handle in handles:
             handle.remove()
+
+
+def smoothing_factors(activation_absmax: torch.Tensor, weights: Sequence[torch.Tensor], alpha: float) -> torch.Tensor:
+    """SmoothQuant's per-input-channel factors ``s_j = max|x_j|^α / max|W_:j|^(1-α)``.
+
+    ``weights`` are the ``[out, in]`` weights of every layer that reads the same input (they
+    share one ``s``, so one division serves them all). Channels that never fire, or whose
+    weights are all zero, keep ``s = 1``.
+    """
+    w_max = torch.stack([w.detach().abs().amax(0) for w in weights]).amax(0).float()
+    x_max = activation_absmax.float()
+    s = x_max.clamp(min=1e-5) ** alpha / w_max.clamp(min=1e-5) ** (1 - alpha)
+    return torch.where((x_max > 0) & (w_max > 0), s, torch.ones_like(s))
 
 
 def run_outputs(module: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> list[np.ndarray]:

@@ -1,9 +1,10 @@
 """Fake-quantized stand-ins for ``nn.Linear`` and ``nn.Embedding``, and swapping them in by name.
 
 ``QuantLinear`` computes what the materialised ONNX layer computes, in float: the input
-quantized (static: with its calibrated scale; dynamic: per call from the tensor's own
-range, as ONNX ``DynamicQuantizeLinear`` does: u8, ``scale = (max(0, max) - min(0, min)) /
-255``), the weight quantized, then ``F.linear``. Gradients pass straight through the
+(divided by the smoothing factors, if any) quantized (static: with its calibrated scale;
+dynamic: per call from the tensor's own range, as ONNX ``DynamicQuantizeLinear`` does: u8,
+``scale = (max(0, max) - min(0, min)) / 255``), the weight (times the factors) quantized,
+then ``F.linear``. Gradients pass straight through the
 rounding (torch's fake-quant ops), so the same modules serve quantization-aware training.
 Sensitivity analysis swaps one layer at a time with ``swap_fake_quant``.
 
@@ -54,7 +55,10 @@ class QuantLinear(nn.Module):
         if self.spec.weight is None:
             return self.linear.weight
         if self.training or self._cached is None:
-            weight = fake_quantize(self.linear.weight, self.spec.weight)
+            weight = self.linear.weight
+            if self.spec.smoothed:
+                weight = weight * torch.from_numpy(self.spec.smoothing).to(weight.device)
+            weight = fake_quantize(weight, self.spec.weight)
             if self.training:
                 return weight
             self._cached = weight.detach()
@@ -64,6 +68,8 @@ class QuantLinear(nn.Module):
         spec = self.spec
         if spec.mode == "float":
             return self.linear(x)
+        if spec.smoothed:
+            x = x / torch.from_numpy(spec.smoothing).to(x.device)
         if spec.mode == "static":
             assert spec.input is not None
             x = fake_quantize(x, spec.input)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 __all__ = ["Mode", "Scheme", "Granularity", "LayerKind", "TensorQuant", "QuantSpec", "qparams",
-           "quantize", "dequantize", "fake_quantize", "QUANT_KEY", "SUPPORTED_BITS"]
+           "quantize", "dequantize", "fake_quantize", "broadcast_params", "QUANT_KEY", "SUPPORTED_BITS"]
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +145,9 @@ class QuantSpec:
         weight: how the weight is quantized (None for float).
         input: how the input activation is quantized (static: with scale; dynamic: the
             format only); None for weight-only and float.
+        smoothing: per input channel ``s`` [in] (SmoothQuant, Xiao et al. 2022): the layer
+            quantizes ``x / s`` and ``W · diag(s)``, which multiply back to ``x Wᵀ``, moving
+            activation outliers into the weights' per-channel scales. Static and dynamic only.
         notes: for the report: sensitivity, the reason for the mode.
     """
 
@@ -153,6 +156,7 @@ class QuantSpec:
     weight_shape: tuple[int, ...]
     weight: TensorQuant | None = None
     input: TensorQuant | None = None
+    smoothing: np.ndarray | None = None
     notes: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -166,6 +170,17 @@ class QuantSpec:
             raise ValueError("mode 'dynamic' needs the input's quantization format")
         if self.kind == "embedding" and self.mode not in ("weight-only", "float"):
             raise ValueError(f"an embedding table is quantized weight-only, not {self.mode!r}")
+        if self.smoothing is not None:
+            if self.kind != "linear" or self.smoothing.shape != (self.weight_shape[-1],):
+                raise ValueError(f"smoothing needs one factor per input channel of a linear layer "
+                                 f"({self.weight_shape[-1]}), got shape {self.smoothing.shape}")
+            if not np.all(self.smoothing > 0):
+                raise ValueError("smoothing factors must be positive")
+
+    @property
+    def smoothed(self) -> bool:
+        """Whether this layer runs on ``x / s`` (static and dynamic layers with smoothing)."""
+        return self.smoothing is not None and self.mode in ("static", "dynamic")
 
     def replace(self, **changes: Any) -> QuantSpec:
         return dataclasses.replace(self, **changes)
@@ -173,7 +188,9 @@ class QuantSpec:
     def as_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "kind": self.kind, "weight_shape": list(self.weight_shape),
                 "weight": self.weight.as_dict() if self.weight else None,
-                "input": self.input.as_dict() if self.input else None, **self.notes}
+                "input": self.input.as_dict() if self.input else None,
+                "smoothing": ({"range": [float(self.smoothing.min()), float(self.smoothing.max())]}
+                              if self.smoothed else None), **self.notes}
 
 
 def qparams(lo: torch.Tensor | float, hi: torch.Tensor | float, tq: TensorQuant) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,10 +215,10 @@ def qparams(lo: torch.Tensor | float, hi: torch.Tensor | float, tq: TensorQuant)
     return scale.to(torch.float32), zero.to(torch.int32)
 
 
-def _broadcast(tq: TensorQuant, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point expanded to ``shape`` (per block: repeated along the blocked axis)."""
-    assert tq.scale is not None and tq.zero_point is not None
-    scale, zero = torch.from_numpy(tq.scale), torch.from_numpy(tq.zero_point)
+def broadcast_params(scale: torch.Tensor, zero: torch.Tensor, tq: TensorQuant,
+                     shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scale`` and ``zero`` (in ``tq``'s layout) expanded to ``shape``; per block: repeated along the
+    blocked axis. Differentiable in ``scale``, so learned scales (QAT) use it too."""
     if tq.granularity == "per-tensor":
         return scale.reshape(()), zero.reshape(())
     axis = tq.axis % len(shape)
@@ -218,6 +235,11 @@ def _broadcast(tq: TensorQuant, shape: torch.Size) -> tuple[torch.Tensor, torch.
     scale = scale.repeat_interleave(block, dim=1)[:, : shape[axis]]
     zero = zero.repeat_interleave(block, dim=1)[:, : shape[axis]]
     return (scale.T, zero.T) if axis == 0 else (scale, zero)
+
+
+def _broadcast(tq: TensorQuant, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    assert tq.scale is not None and tq.zero_point is not None
+    return broadcast_params(torch.from_numpy(tq.scale), torch.from_numpy(tq.zero_point), tq, shape)
 
 
 def quantize(x: torch.Tensor, tq: TensorQuant) -> torch.Tensor:

@@ -194,3 +194,31 @@ def test_pack_nbits_low_nibble_first_and_unsigned_shift():
     tq = weight_format(4, "symmetric", "per-block", 16)
     codes, zero = unsigned_codes(np.array([-7, 0, 7]), np.array([0]), tq)
     assert codes.tolist() == [1, 8, 15] and zero.tolist() == [8]
+
+
+def test_smoothing_factors_by_hand():
+    from graphopt.quantization import smoothing_factors
+
+    # alpha 0.5: s_j = sqrt(max|x_j|) / sqrt(max|W_:j|): [sqrt(4)/sqrt(1), sqrt(1)/sqrt(4)] = [2, 0.5];
+    # a channel that never fires keeps 1. The two weights share one factor (max over both).
+    w1 = torch.tensor([[1.0, -2.0, 3.0]])
+    w2 = torch.tensor([[-0.5, 4.0, 1.0]])
+    s = smoothing_factors(torch.tensor([4.0, 1.0, 0.0]), [w1, w2], 0.5)
+    torch.testing.assert_close(s, torch.tensor([2.0, 0.5, 1.0]))
+
+
+def test_smoothed_quant_linear_quantizes_x_over_s_and_w_times_s():
+    from graphopt.quantization import QuantLinear
+
+    g = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(8, 4)
+    x = torch.randn(3, 8, generator=g)
+    s = torch.rand(8, generator=g) + 0.5
+    act = U8.with_params(*qparams((x / s).min(), (x / s).max(), U8))
+    wtq = weight_format(8).with_params(*qparams((linear.weight * s).amin(1), (linear.weight * s).amax(1),
+                                                weight_format(8)))
+    spec = QuantSpec("static", "linear", (4, 8), weight=wtq, input=act, smoothing=s.numpy())
+    expected = torch.nn.functional.linear(fake_quantize(x / s, act), fake_quantize(linear.weight * s, wtq), linear.bias)
+    torch.testing.assert_close(QuantLinear(linear, spec)(x), expected)
+    with pytest.raises(ValueError, match="one factor per input channel"):
+        QuantSpec("static", "linear", (4, 8), weight=wtq, input=act, smoothing=s[:4].numpy())

@@ -127,3 +127,24 @@ def test_padding_is_not_observed():
         set_mask(mask)
         model(x)
     assert seen[0].shape == (5, 4) and float(seen[0].max()) == 1.0
+
+
+def test_smoothing_shares_factors_between_layers_reading_one_tensor(tiny_program):
+    result = calibrate(smoothing=0.5, smooth=("*.query", "*.key", "*.value", "*.intermediate"))(tiny_program)
+    specs = get_specs(result.program)
+    q, k, v = (specs[f"layers.0.attention.{n}"] for n in ("query", "key", "value"))
+    assert q.smoothed and (q.smoothing == k.smoothing).all() and (q.smoothing == v.smoothing).all()
+    assert specs["layers.0.ffn.intermediate"].smoothed and specs["layers.0.ffn.output"].smoothing is None
+    assert not (q.smoothing == specs["layers.0.ffn.intermediate"].smoothing).all()
+    # The weight's scales are those of W · diag(s): row amax over 63 (7-bit range).
+    weight = result.program.ir.get_submodule("layers.0.ffn.intermediate").weight.detach()
+    scaled = weight * torch.from_numpy(specs["layers.0.ffn.intermediate"].smoothing)
+    torch.testing.assert_close(torch.from_numpy(specs["layers.0.ffn.intermediate"].weight.scale),
+                               scaled.abs().amax(1) / 63)
+    assert result.notes["smoothed"] == [n for n in specs if n.endswith(("query", "key", "value", "intermediate"))]
+
+
+def test_smoothing_is_refused_for_weight_only():
+    with pytest.raises(RecipeError, match="not weight-only ones"):
+        Recipe.from_dict({"model": "tiny", "pipeline": [{"pass": "calibrate", "mode": "weight-only", "block_size": 32,
+                                                          "smoothing": 0.5}, {"pass": "export"}]})

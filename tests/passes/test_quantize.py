@@ -101,24 +101,33 @@ class OneLinear(nn.Module):
         return self.fc(x)
 
 
-@pytest.mark.parametrize("mode", ["static", "dynamic"])
-def test_materialised_onnx_matches_the_fake_quant_module_within_one_step(mode):
+@pytest.fixture(scope="module")
+def one_linear() -> tuple[OneLinear, dict[str, torch.Tensor], Program]:
+    """A single nn.Linear fed an outlier input (full-range s8 weights would overflow ORT's int16 pair
+    sums on CPUs without VNNI), exported once."""
     torch.manual_seed(0)
     x = torch.randn(2, 8, 64) * 2
-    x[0, 0, 0] = 25.0  # an outlier input: full-range s8 weights would overflow ORT's int16 pair sums
+    x[0, 0, 0] = 25.0
     model = OneLinear()
-    program = graphopt.Pipeline([registry.passes.get("calibrate")(mode=mode), registry.passes.get("export")(),
-                                 quantize()], measure=False).run(graphopt.trace(model, {"x": x}))
+    exported = graphopt.Pipeline([registry.passes.get("export")()], measure=False).run(graphopt.trace(model, {"x": x}))
+    return model, {"x": x}, exported
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_materialised_onnx_matches_the_fake_quant_module_within_one_step(mode, one_linear):
+    model, inputs, exported = one_linear
+    module_program = graphopt.trace(model, inputs)
+    program = quantize()(annotated(exported, module_program, mode=mode)).program
     spec = get_specs(program)["fc"]
-    reference = graphopt.trace(model, {"x": x})
-    with swap_fake_quant(reference.ir, {"fc": spec}):
-        fake = reference.run()[0]
-    got = run_onnx_model(program.ir, {"x": x}, optimization="all")[0]  # the integer kernels
+    with swap_fake_quant(module_program.ir, {"fc": spec}):
+        fake = module_program.run()[0]
+    got = run_onnx_model(program.ir, inputs, optimization="all")[0]  # the integer kernels
+    x = inputs["x"]
     x_scale = float(spec.input.scale) if mode == "static" else (x.max() - x.min()).item() / 255
     w_max = float(np.abs(spec.weight.scale).max()) * spec.weight.qmax
     step = x_scale * w_max  # what one input code more or less changes in one output
     assert np.abs(got - fake).max() <= step
-    assert np.abs(got - fake).max() < 0.01 * np.abs(fake - reference.reference_output[0]).max()
+    assert np.abs(got - fake).max() < 0.01 * np.abs(fake - module_program.reference_output[0]).max()
 
 
 def test_packed_attention_is_refused_with_the_fix(_tiny_onnx, tiny_program):
@@ -141,6 +150,20 @@ def test_float_layers_can_store_fp16_weights_that_ort_folds(_fused_tiny, tiny_pr
     assert program.parameter_bytes() - after.parameter_bytes() == linear_bytes // 2
     runs = ort_runs(after, tmp_path)
     assert runs["MatMul"] == 12 and runs["Cast"] == 1  # the weight casts are folded at load; the mask cast stays
+
+
+def test_smoothed_layers_get_a_shared_mul_and_still_run_integer_kernels(_fused_tiny, tiny_program, tmp_path):
+    program = annotated(_fused_tiny, tiny_program, mode="static", smoothing=0.5,
+                        smooth=("*.query", "*.key", "*.value", "*.intermediate"))
+    # 2 Muls of the graph itself + one per smoothed input: Q/K/V share one, the intermediate has one.
+    after = assert_rewrite(quantize(), program, expect_ops={"Mul": 2 + 4, "QuantizeLinear": 8}, sqnr_floor=25.0)
+    runs = ort_runs(after, tmp_path)
+    assert runs["com.microsoft::MatMulIntegerToFloat"] == 12 and runs["MatMul"] == 0
+    specs = get_specs(after)
+    with swap_fake_quant(tiny_program.ir, specs):
+        fake = tiny_program.run()[0]
+    got = run_onnx_model(after.ir, tiny_program.example_inputs, optimization="all")[0]
+    assert np.abs(got - fake).max() < 0.05 * np.abs(fake - tiny_program.reference_output[0]).max()
 
 
 @pytest.mark.slow
