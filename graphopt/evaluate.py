@@ -191,3 +191,34 @@ def embed(
                 out = out.detach().cpu().numpy()
             outputs.append(np.asarray(out, dtype=np.float32))
     return np.concatenate(outputs, axis=0)
+
+
+def module_embedder(module: torch.nn.Module) -> Callable[..., np.ndarray]:
+    """A callable for `embed`: the module's first output, mean-pooled over real tokens when it is
+    ``[B, S, D]`` (a ``[B, D]`` output is taken as it is)."""
+    from graphopt.distill import sentence_embedding
+    from graphopt.program import flatten_outputs
+
+    def run(**inputs: torch.Tensor) -> np.ndarray:
+        output = flatten_outputs(module(**inputs))[0]
+        return sentence_embedding(output, inputs.get("attention_mask")).float().numpy()
+
+    return run
+
+
+def heldout_agreement(student: torch.nn.Module, teacher: torch.nn.Module | np.ndarray,
+                      tokenizer: Tokenizer) -> dict[str, float | int]:
+    """``student``'s agreement with ``teacher`` (a module, or its held-out embeddings) on the
+    held-out sentences: evaluation only, never training. The student's train/eval mode is kept."""
+    from graphopt.data import load_sentences
+
+    sentences = load_sentences("heldout")
+    was_training = student.training
+    student.eval()
+    try:
+        reference = teacher if isinstance(teacher, np.ndarray) else embed(module_embedder(teacher), tokenizer,
+                                                                          sentences)
+        candidate = embed(module_embedder(student), tokenizer, sentences)
+    finally:
+        student.train(was_training)
+    return evaluate_embeddings(candidate, reference).as_dict()

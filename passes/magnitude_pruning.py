@@ -28,17 +28,16 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from torch import nn
 
 from graphopt.data import load_sentences
-from graphopt.data.corpus import SOURCES, corpus_digest, load_corpus, load_training_sentences
+from graphopt.data.corpus import SOURCES, corpus_digest, load_training_data
 from graphopt.distill import (AttentionLoss, DistillationLoss, HiddenStateLoss, OutputLoss, SoftLabelLoss,
-                              keep_teacher, sentence_embedding)
+                              keep_teacher)
 from graphopt.errors import PassError, PreconditionError
-from graphopt.evaluate import embed, evaluate_embeddings
+from graphopt.evaluate import embed, heldout_agreement, module_embedder
 from graphopt.pass_base import Pass, PassResult
-from graphopt.program import Program, flatten_outputs
+from graphopt.program import Program
 from graphopt.sparsity import SPARSITY_KEY, Pattern, PruningHook, mask_sparsity, pruning_schedule
 from graphopt.train import TrainConfig, TrainProgress, train
 
@@ -167,7 +166,7 @@ class MagnitudePruningPass(Pass):
                 clone = program.clone()
                 one_shot.prune(clone.ir, o.sparsity)
                 notes["heldout_vs_dense_one_shot"] = _agreement(clone.ir, program.tokenizer, dense)
-            sentences = self._data()
+            sentences = load_training_data(self.options.data)
             result = train(program.ir, teacher, sentences, o.loss(), o.train_config(),
                            tokenizer=program.tokenizer, hooks=[hook], progress=self.train_progress)
             notes["train"] = result.as_dict()
@@ -185,12 +184,6 @@ class MagnitudePruningPass(Pass):
                     notes["overall_sparsity"], o.scope)
         return PassResult(program, o.sparsity > 0, notes)
 
-    def _data(self) -> tuple[str, ...]:
-        sources = tuple(d for d in self.options.data if d != "sentences")
-        if "sentences" in self.options.data:
-            return tuple(load_training_sentences(sources))  # type: ignore[arg-type]
-        return tuple(load_corpus(sources))  # type: ignore[arg-type]
-
     def _annotate(self, program: Program, hook: PruningHook) -> dict[str, Any]:
         rows: dict[str, Any] = {}
         pattern = str(hook.pattern)
@@ -207,16 +200,14 @@ class MagnitudePruningPass(Pass):
 
 
 def _embeddings(module: nn.Module, tokenizer: Any) -> np.ndarray:
-    def run(**inputs: torch.Tensor) -> np.ndarray:
-        return sentence_embedding(flatten_outputs(module(**inputs))[0], inputs.get("attention_mask")).float().numpy()
     was_training = module.training
     module.eval()
     try:
-        return embed(run, tokenizer, load_sentences("heldout"))
+        return embed(module_embedder(module), tokenizer, load_sentences("heldout"))
     finally:
         module.train(was_training)
 
 
 def _agreement(module: nn.Module, tokenizer: Any, dense: np.ndarray) -> dict[str, float | int]:
     """Held-out agreement of ``module`` with the dense model's embeddings (evaluation only)."""
-    return evaluate_embeddings(_embeddings(module, tokenizer), dense).as_dict()
+    return heldout_agreement(module, dense, tokenizer)

@@ -173,3 +173,15 @@ def load_training_sentences(sources: Sequence[Source] = SOURCES) -> SentenceSpli
 def corpus_digest(sentences: Sequence[str]) -> str:
     """sha256 (first 16 hex digits) of the sentences, one per line: records which text was used."""
     return hashlib.sha256("\n".join(sentences).encode("utf-8")).hexdigest()[:16]
+
+
+def load_training_data(names: Sequence[str]) -> SentenceSplit:
+    """The training text a recipe names: ``"sentences"`` (graphopt's train and calibration splits)
+    and corpus sources, in that order, duplicates dropped; never held-out sentences."""
+    unknown = [n for n in names if n != "sentences" and n not in SOURCES]
+    if unknown or not names:
+        raise ValueError(f"training data must name some of {['sentences', *SOURCES]}, got {list(names)}")
+    sources = tuple(n for n in names if n != "sentences")
+    if "sentences" in names:
+        return load_training_sentences(sources)  # type: ignore[arg-type]
+    return load_corpus(sources)  # type: ignore[arg-type]
