@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--rounds", type=int, default=30)
     c.add_argument("--lr", type=float, default=2e-4, help="distillation learning rate")
     c.add_argument("--batch-size", type=int, default=16, help="distillation sentences per step")
-    c.add_argument("--layers", nargs="+", default=["*.ffn.*"], help="nn.Linear globs to split")
+    c.add_argument("--layers", nargs="+", default=["*"], help="nn.Linear globs to split")
     c.add_argument("--json", type=Path, help="also write the rows here")
     c.set_defaults(run=curve)
     args = parser.parse_args(argv)
@@ -164,11 +164,19 @@ def _heldout_cosine(run, bundle, reference: np.ndarray) -> float:
     return evaluate_embeddings(embed(run, bundle.tokenizer, load_sentences("heldout")), reference).mean_cosine
 
 
+def _ort_embedder(data: bytes):
+    from graphopt.onnx_runtime import create_session
+
+    session = create_session(data)
+    return lambda **kw: session.run(None, {k: v.numpy() for k, v in kw.items()})[0]
+
+
 def _speedup(fp32: bytes, candidate: bytes, threads: int, rounds: int, batch: int = 8, sequence: int = 128) -> float:
     """Median over interleaved rounds of fp32 time / candidate time at batch × sequence."""
+    import onnx_ir as ir
+
     from graphopt.onnx_runtime import create_session, session_options
     from graphopt.trace import synthesize_inputs
-    import onnx_ir as ir
 
     options = session_options(threads=threads, optimization="all", spinning=False)
     sessions = [create_session(fp32, options), create_session(candidate, options)]
@@ -220,20 +228,15 @@ def curve(args: argparse.Namespace) -> dict:
             result = split_pass(method=method, select="budget", budget=fraction, layers=tuple(args.layers),
                                 compare=False)(program)
             program = result.program
-            before = _heldout_cosine(lambda **kw: program.ir(**kw), bundle, reference)
+            before = _heldout_cosine(program.ir, bundle, reference)
             after = float("nan")
             if args.steps:
                 program = distill(steps=args.steps, warmup_steps=max(1, args.steps // 10), lr=args.lr,
                                   batch_size=args.batch_size, max_length=64, attention=0.0, soft_label=0.0,
-                                  hidden=1.0, output=1.0, evaluate=False)(program).program
-                after = _heldout_cosine(lambda **kw: program.ir(**kw), bundle, reference)
+                                  hidden=1.0, output=1.0, dropout=False, evaluate=False)(program).program
+                after = _heldout_cosine(program.ir, bundle, reference)
             data = _onnx_bytes(_export(program))
-            from graphopt.onnx_runtime import create_session
-
-            session = create_session(data)
-            ort_cos = _heldout_cosine(lambda **kw: session.run(None, {k: v.numpy() for k, v in kw.items()})[0],
-                                      bundle, reference)
-            del session
+            ort_cos = _heldout_cosine(_ort_embedder(data), bundle, reference)
             speed = _speedup(fp32, data, args.threads, args.rounds)
             row = {"method": method, "budget": fraction, "kept": result.notes["kept_fraction"],
                    "split_layers": result.notes["split"], "cos_before_recovery": before,

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import itertools
 import json
 import logging
 import math
@@ -42,8 +43,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["LowRankLinear", "Factorization", "LayerSpectrum", "allocate_budget", "collect_second_moments",
-           "SpeedTable", "round_rank", "second_moment_sqrt", "whitening"]
+__all__ = ["Factorization", "LayerSpectrum", "LowRankLinear", "SpeedTable", "allocate_budget",
+           "collect_second_moments", "round_rank", "second_moment_sqrt", "whitening"]
 
 logger = logging.getLogger(__name__)
 
@@ -318,7 +319,7 @@ class SpeedTable:
             return None
         if rank <= points[0][0] or len(points) == 1:
             return (points[0][1] if rank <= points[0][0] else points[-1][1]), near
-        for (r0, q0), (r1, q1) in zip(points, points[1:]):
+        for (r0, q0), (r1, q1) in itertools.pairwise(points):
             if rank <= r1:
                 return q0 + (q1 - q0) * (rank - r0) / (r1 - r0), near
         (r0, q0), (r1, q1) = points[-2:]

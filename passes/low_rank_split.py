@@ -35,8 +35,15 @@ from graphopt.data import assert_not_heldout, load_sentences
 from graphopt.distill import keep_teacher, sentence_embedding
 from graphopt.errors import PreconditionError
 from graphopt.evaluate import embed, evaluate_embeddings
-from graphopt.lowrank import (Factorization, LayerSpectrum, LowRankLinear, SpeedTable, allocate_budget,
-                              collect_second_moments, round_rank)
+from graphopt.lowrank import (
+    Factorization,
+    LayerSpectrum,
+    LowRankLinear,
+    SpeedTable,
+    allocate_budget,
+    collect_second_moments,
+    round_rank,
+)
 from graphopt.pass_base import Pass, PassResult
 from graphopt.program import Drift, Program, flatten_outputs
 
@@ -77,14 +84,14 @@ class LowRankOptions:
     def __post_init__(self) -> None:
         checks = [(self.rank >= 1, f"rank must be >= 1, got {self.rank}"),
                   (0 < self.energy <= 1, f"energy must be in (0, 1], got {self.energy}"),
-                  (0 < self.budget <= 1, f"budget must be in (0, 1] (the share of the selected layers' "
-                                         f"parameters kept), got {self.budget}"),
+                  (0 < self.budget <= 1, (f"budget must be in (0, 1] (the share of the selected layers' "
+                                          f"parameters kept), got {self.budget}")),
                   (self.rank_multiple >= 1, f"rank_multiple must be >= 1, got {self.rank_multiple}"),
                   (self.rows >= 1, f"rows must be >= 1, got {self.rows}"),
                   (self.max_time_ratio > 0, f"max_time_ratio must be > 0, got {self.max_time_ratio}"),
                   (self.damping >= 0, f"damping must be >= 0, got {self.damping}"),
                   (self.calibration_sentences >= 0, "calibration_sentences must be >= 0"),
-                  (bool(self.layers), "layers needs at least one glob (\"*\" for every nn.Linear)")]
+                  (bool(self.layers), 'layers needs at least one glob ("*" for every nn.Linear)')]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)

@@ -13,13 +13,19 @@ from torch import nn
 import graphopt
 from graphopt import registry
 from graphopt.errors import PreconditionError, RecipeError
-from graphopt.lowrank import (Factorization, LayerSpectrum, LowRankLinear, SpeedTable, allocate_budget,
-                              second_moment_sqrt)
+from graphopt.lowrank import (
+    Factorization,
+    LayerSpectrum,
+    LowRankLinear,
+    SpeedTable,
+    allocate_budget,
+    second_moment_sqrt,
+)
 from graphopt.recipe import Recipe
 from graphopt.testing import assert_rewrite, op_types
 
 LowRankSplitPass = registry.passes.get("low-rank-split")
-FAST = dict(calibration_sentences=16, compare=False, unmeasured="split")
+FAST = {"calibration_sentences": 16, "compare": False, "unmeasured": "split"}
 
 
 def _linear(m: int, n: int, seed: int = 0) -> nn.Linear:
@@ -68,7 +74,8 @@ def _split_program(eager: bool = False) -> graphopt.Program:
 @pytest.mark.parametrize("aware", [False, True])
 def test_full_rank_split_reproduces_the_layer(aware: bool) -> None:
     linear = _linear(32, 48)
-    sigma = (lambda x: x.T @ x / len(x))(_correlated_inputs(48)) if aware else None
+    x = _correlated_inputs(48)
+    sigma = x.T @ x / len(x) if aware else None
     low = LowRankLinear.from_factors(*Factorization.of(linear.weight, sigma, 0.01).factors(32), linear.bias)
     x = torch.randn(5, 7, 48)
     with torch.no_grad():
