@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import logging
 import math
 import time
@@ -232,19 +233,29 @@ def _split(data: Sequence[str] | Sequence[Batch], config: TrainConfig,
     return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]]
 
 
-def _optimizer(student: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    params = [p for p in student.parameters() if p.requires_grad]
-    if not params:
+def _optimizer(student: nn.Module, config: TrainConfig,
+               lr_multipliers: Mapping[str, float] | None = None) -> torch.optim.AdamW:
+    """AdamW; decay on weights of 2+ dims; parameters whose name matches a glob of ``lr_multipliers``
+    get that multiple of the learning rate (and no decay: they are not weights)."""
+    named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    if not named:
         raise ValueError("train: the student has no trainable parameter")
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+    multipliers = dict(lr_multipliers or {})
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, param in named:
+        factor = next((f for glob, f in multipliers.items() if fnmatch.fnmatchcase(name, glob)), None)
+        decay = config.weight_decay if factor is None and param.dim() >= 2 else 0.0
+        groups.setdefault((1.0 if factor is None else factor, decay), []).append(param)
+    return torch.optim.AdamW([{"params": ps, "lr": config.lr * f, "weight_decay": d}
+                              for (f, d), ps in sorted(groups.items(), key=lambda g: g[0][0] != 1.0)],
+                             lr=config.lr)  # the base-rate groups first: progress reports group 0's lr
 
 
 def train(student: nn.Module, teacher: nn.Module, data: Sequence[str] | Sequence[Batch],
           loss: DistillationLoss, config: TrainConfig = TrainConfig(), *,
           tokenizer: Callable[..., Batch] | None = None, hooks: Sequence[TrainHook] = (),
-          progress: Callable[[TrainProgress], None] | None = None) -> TrainResult:
+          progress: Callable[[TrainProgress], None] | None = None,
+          lr_multipliers: Mapping[str, float] | None = None) -> TrainResult:
     """Trains ``student`` in place to match ``teacher`` on ``data`` under ``loss``.
 
     Args:
@@ -257,6 +268,8 @@ def train(student: nn.Module, teacher: nn.Module, data: Sequence[str] | Sequence
         tokenizer: turns a list of sentences into the models' named inputs.
         hooks: `TrainHook`s called before and after every step.
         progress: called after every step with running losses (drive a progress bar with it).
+        lr_multipliers: parameter-name globs -> multiple of ``config.lr`` (QAT's learned scales
+            take a larger step than the weights); the first matching glob counts.
 
     Returns:
         what happened; the student is left in eval mode (at its best validation weights
@@ -273,7 +286,7 @@ def train(student: nn.Module, teacher: nn.Module, data: Sequence[str] | Sequence
     train_items, val_items = _split(data, config, generator)
     batches = _Batches(train_items, tokenizer, config, generator)
     loop = _Loop(student, teacher, loss.bind(student, teacher), config, hooks,
-                 _Batches(val_items, tokenizer, config, generator) if val_items else None)
+                 _Batches(val_items, tokenizer, config, generator) if val_items else None, lr_multipliers)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         student.train(config.train_mode)
@@ -295,10 +308,11 @@ class _Loop:
     """The state of one `train` call: optimizer, schedule, running losses, best weights."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, loss: DistillationLoss, config: TrainConfig,
-                 hooks: Sequence[TrainHook], validation: _Batches | None) -> None:
+                 hooks: Sequence[TrainHook], validation: _Batches | None,
+                 lr_multipliers: Mapping[str, float] | None = None) -> None:
         self.student, self.teacher, self.loss, self.config = student, teacher.eval(), loss, config
         self.hooks, self.validation = hooks, validation
-        self.optimizer = _optimizer(student, config)
+        self.optimizer = _optimizer(student, config, lr_multipliers)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, config))
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.result = TrainResult(0, [], {}, {}, [], None, False, 0.0)

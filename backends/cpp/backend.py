@@ -1,0 +1,181 @@
+"""The ``cpp`` backend: pruned Linears run graphopt's sparse kernels; the model is saved as ``model.pt2``.
+
+Takes a Program of kind ``module``. Each ``nn.Linear`` that ``prune`` annotated
+(``annotations[name]["sparsity"]``) is lowered to the kernel format that measured fastest for
+its shape and mask at ``rows`` = batch × sequence, read from the timing table
+(``graphopt.sparsity.KernelTable``, shipped as ``graphopt/data/sparse_kernel_times.json``):
+CSR or a BSR block shape, with fp32 values or (``int8=True``) int8 values and one fp32 scale
+per output row. Where no sparse format beats dense by the table's ``margin``, the layer stays a
+dense ``nn.Linear``. The choice reads measured times, never times anything, so the same
+program gives the same lowering. Other layers are left as they are.
+
+The lowered module is exported once with ``torch.export`` (batch and sequence dynamic,
+``Dim.AUTO``: a named ``Dim`` fails on MiniLM's position table, which bounds the sequence); the executable runs that exported program under ``torch.inference_mode``,
+so what is measured is what is saved. Loading ``model.pt2`` needs graphopt (the ops'
+schemas, ``backends/cpp/ops.py``) and a C++ compiler (the kernels build on first use):
+``load_cpp(path)``.
+
+Written by the pruning work (issue 9) as the lowering of issue 6's backend, which did not
+exist yet; the kernels, packing and build are issue 6's.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.fx
+from torch import nn
+
+from graphopt.backend import Backend, Executable
+from graphopt.program import Program, flatten_outputs
+from graphopt.sparsity import SPARSITY_KEY, KernelChoice, KernelTable
+
+from .build import load_extension
+from .ops import BsrWeight, CsrWeight, pack_bsr, pack_csr
+
+__all__ = ["CppBackend", "CppExecutable", "SparseLinear", "load_cpp", "lower_sparse_linears"]
+
+logger = logging.getLogger(__name__)
+
+
+class SparseLinear(nn.Module):
+    """``y = x @ W.T + b`` with ``W`` packed for ``graphopt::{csr,bsr}_linear[_int8]``.
+
+    The packed tensors are buffers, so ``torch.export`` saves them with the program.
+    """
+
+    def __init__(self, packed: CsrWeight | BsrWeight, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = packed.shape
+        self.layout = "csr" if isinstance(packed, CsrWeight) else "bsr"
+        self.int8 = packed.scales is not None
+        self.register_buffer("row_ptr", packed.row_ptr)
+        self.register_buffer("col_idx", packed.col_idx)
+        self.register_buffer("values", packed.values)
+        self.register_buffer("scales", packed.scales if self.int8 else torch.ones(0))
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = torch.ops.graphopt
+        args = (x, self.row_ptr, self.col_idx, self.values)
+        if self.layout == "csr":
+            if self.int8:
+                return ops.csr_linear_int8.default(*args, self.scales, self.bias, self.out_features)
+            return ops.csr_linear.default(*args, self.bias, self.out_features)
+        if self.int8:
+            return ops.bsr_linear_int8.default(*args, self.scales, self.bias, self.out_features)
+        return ops.bsr_linear.default(*args, self.bias, self.out_features)
+
+    def extra_repr(self) -> str:
+        block = "" if self.layout == "csr" else f", block={tuple(self.values.shape[1:])}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {self.layout}{block}, "
+                f"{'int8' if self.int8 else 'fp32'}, nnz={self.values.numel()}")
+
+
+def lower_sparse_linears(module: nn.Module, annotations: dict[str, dict[str, Any]], table: KernelTable, *,
+                         rows: int, int8: bool, margin: float,
+                         unmeasured: Literal["dense", "csr"]) -> dict[str, dict[str, Any]]:
+    """Swaps each annotated ``nn.Linear`` of ``module`` (in place) for the format the table picks.
+
+    Returns:
+        One row per annotated layer: the choice, its reason and the layer's sparsity.
+    """
+    rows_out: dict[str, dict[str, Any]] = {}
+    for name, note in sorted(annotations.items()):
+        sparsity = note.get(SPARSITY_KEY)
+        if sparsity is None:
+            continue
+        linear = module.get_submodule(name)
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"cpp backend: layer {name!r} is annotated sparse but is {type(linear).__name__}, "
+                            "not nn.Linear")
+        mask = sparsity["mask"].to(torch.bool)
+        weight = linear.weight.detach().float()
+        if bool(weight[~mask].any()):
+            logger.warning("cpp backend: %s has nonzero weights outside its pruning mask (trained after "
+                           "prune?); the mask is applied", name)
+            weight = weight * mask
+        choice: KernelChoice = table.choose(mask, rows, int8=int8, margin=margin, unmeasured=unmeasured)
+        rows_out[name] = {"pattern": sparsity.get("pattern"), "sparsity": sparsity.get("sparsity"),
+                          **choice.as_dict()}
+        if choice.format == "dense":
+            continue
+        dtype = torch.int8 if choice.int8 else torch.float32
+        masked = weight * mask  # pruned entries are exactly zero, so packing keeps the mask's pattern
+        packed = pack_csr(masked, dtype) if choice.format == "csr" else pack_bsr(masked, choice.block or (1, 1), dtype)
+        parent, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent) if parent else module, child, SparseLinear(packed, linear.bias))
+    if isinstance(module, torch.fx.GraphModule):
+        module.recompile()
+    return rows_out
+
+
+class CppExecutable(Executable):
+    """A ``torch.export`` program calling graphopt's ops; ``notes`` tells each layer's format."""
+
+    artifact_name = "model.pt2"
+
+    def __init__(self, exported: torch.export.ExportedProgram, notes: dict[str, Any] | None = None) -> None:
+        load_extension()
+        self.exported = exported
+        self.module = exported.module()
+        self.notes = notes or {}
+
+    def __call__(self, **inputs: torch.Tensor | np.ndarray) -> tuple[np.ndarray, ...]:
+        tensors = {k: torch.as_tensor(v) for k, v in inputs.items()}
+        with torch.inference_mode():
+            return tuple(t.float().numpy() for t in flatten_outputs(self.module(**tensors)))
+
+    def write_into(self, folder: Path) -> list[Path]:
+        path = folder / self.artifact_name
+        torch.export.save(self.exported, str(path))
+        return [path]
+
+
+def load_cpp(path: str | Path) -> CppExecutable:
+    """Loads a ``model.pt2`` written by this backend (weights-only guard, kernels built if needed)."""
+    from graphopt.safe_load import load_exported_program
+
+    load_extension()
+    return CppExecutable(load_exported_program(path))
+
+
+class CppBackend(Backend):
+    """Lowers pruned Linears to graphopt's sparse kernels and exports the module as ``model.pt2``."""
+
+    name = "cpp"
+    kind = "module"
+
+    def compile(self, program: Program, *, int8: bool = False, rows: int = 16, margin: float = 0.9,
+                table: str = "", unmeasured: Literal["dense", "csr"] = "dense", **options: Any) -> CppExecutable:
+        """Args: int8 (int8 values with per-row scales), rows (batch × sequence the table is read
+        at; 16 is one sentence), margin (a sparse format must take under margin × the dense time),
+        table (a timing table JSON; "" = the shipped one), unmeasured ("dense" or "csr" for a shape
+        the table lacks)."""
+        if options:
+            raise TypeError(f"unknown cpp backend options: {', '.join(sorted(options))}")
+        if rows < 1 or not 0 < margin <= 10 or unmeasured not in ("dense", "csr"):
+            raise ValueError(f"cpp backend: rows must be >= 1 (got {rows}), margin in (0, 10] (got {margin}), "
+                             f"unmeasured 'dense' or 'csr' (got {unmeasured!r})")
+        timing = KernelTable.load(Path(table)) if table else KernelTable.shipped()
+        module = copy.deepcopy(program.ir).eval()
+        layers = lower_sparse_linears(module, program.annotations, timing, rows=rows, int8=int8, margin=margin,
+                                      unmeasured=unmeasured)
+        counts = collections.Counter(
+            "dense" if r["format"] == "dense" else f"{r['format']}{'' if not r['block'] else ' %dx%d' % tuple(r['block'])}"
+            f"{' int8' if r['int8'] else ''}" for r in layers.values())
+        logger.info("cpp: %s", ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no sparse layer")
+        # AUTO: dynamic, with the ranges the model implies (sequence <= max positions).
+        auto = torch.export.Dim.AUTO
+        dynamic = {k: {0: auto, 1: auto} if v.dim() >= 2 else {0: auto} for k, v in program.example_inputs.items()}
+        with torch.no_grad():
+            exported = torch.export.export(module, (), kwargs=dict(program.example_inputs), dynamic_shapes=dynamic)
+        notes = {"rows": rows, "int8": int8, "margin": margin, "table": timing.describe(), "formats": dict(counts),
+                 "layers": layers}
+        return CppExecutable(exported, notes)

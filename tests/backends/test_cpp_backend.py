@@ -1,0 +1,90 @@
+"""The cpp backend's lowering: table-driven kernel formats, numerics against the pruned module, model.pt2 round trip."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import graphopt
+from graphopt import registry
+from graphopt.program import Program
+from graphopt.testing import sqnr_db
+
+pytest.importorskip("graphopt.backends.cpp.backend")
+
+
+@pytest.fixture(scope="module")
+def pruned(tiny_bundle) -> Program:
+    """Layer 0 pruned in 4×4 blocks to 75%, layer 1 unstructured to 90% (no training)."""
+    prune = registry.passes.get("prune")
+    passes = [prune(sparsity=0.75, pattern="4x4", layers=("layers.0.*",), evaluate=False),
+              prune(sparsity=0.9, layers=("layers.1.*",), evaluate=False)]
+    return graphopt.Pipeline(passes).run(graphopt.trace(tiny_bundle))
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory) -> str:
+    """64×64 and 128×64 measured (CSR fast below 20% density, BSR 4×4 fastest); 64×128 not at all."""
+    entries = []
+    for out, inp in ((64, 64), (128, 64)):
+        entries.append({"out": out, "in": inp, "rows": 16, "format": "dense", "block": None, "dtype": "fp32",
+                        "density": 1.0, "ms": 1.0})
+        for dtype in ("fp32", "int8"):
+            for density, csr_ms, bsr_ms in ((0.1, 0.3, 0.2), (0.3, 1.2, 0.5)):
+                entries.append({"out": out, "in": inp, "rows": 16, "format": "csr", "block": None, "dtype": dtype,
+                                "density": density, "ms": csr_ms})
+                entries.append({"out": out, "in": inp, "rows": 16, "format": "bsr", "block": [4, 4],
+                                "dtype": dtype, "density": density, "ms": bsr_ms})
+    path = tmp_path_factory.mktemp("table") / "times.json"
+    path.write_text(json.dumps({"entries": entries}))
+    return str(path)
+
+
+def test_each_layer_gets_the_format_the_table_says(pruned: Program, table: str) -> None:
+    executable = graphopt.compile(pruned, backend="cpp", table=table)
+    layers = executable.notes["layers"]
+    for kind in ("attention.query", "attention.key", "attention.value", "attention.output", "ffn.intermediate"):
+        assert (layers[f"layers.0.{kind}"]["format"], tuple(layers[f"layers.0.{kind}"]["block"])) == ("bsr", (4, 4))
+        # 90% unstructured leaves ~80% of 4×4 blocks non-empty: beyond BSR's measured densities, so CSR.
+        assert layers[f"layers.1.{kind}"]["format"] == "csr"
+    for name in ("layers.0.ffn.output", "layers.1.ffn.output"):
+        assert layers[name]["format"] == "dense" and "no timing" in layers[name]["reason"]
+    assert executable.notes["formats"] == {"bsr 4x4": 5, "csr": 5, "dense": 2}
+    targets = {str(n.target) for n in executable.exported.graph.nodes if n.op == "call_function"}
+    assert {"graphopt.bsr_linear.default", "graphopt.csr_linear.default"} <= targets
+
+
+def test_outputs_match_the_pruned_module_fp32_and_int8(pruned: Program, table: str) -> None:
+    want = pruned.run()[0]
+    got = graphopt.compile(pruned, backend="cpp", table=table)(**pruned.example_inputs)[0]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    int8 = graphopt.compile(pruned, backend="cpp", table=table, int8=True)
+    assert int8.notes["formats"] == {"bsr 4x4 int8": 5, "csr int8": 5, "dense": 2}
+    assert sqnr_db(int8(**pruned.example_inputs)[0], want) > 30.0
+
+
+def test_model_pt2_loads_in_a_new_process_and_matches(pruned: Program, table: str, tmp_path) -> None:
+    executable = graphopt.compile(pruned, backend="cpp", table=table)
+    path = executable.save(tmp_path / "out")
+    inputs = pruned.tokenizer(["One short sentence.", "And a second, somewhat longer sentence here."])
+    np.savez(tmp_path / "inputs.npz", **{k: v.numpy() for k, v in inputs.items()})
+    script = textwrap.dedent(f"""
+        import numpy as np
+        from graphopt.backends.cpp.backend import load_cpp
+        inputs = dict(np.load({str(tmp_path / 'inputs.npz')!r}))
+        np.save({str(tmp_path / 'got.npy')!r}, load_cpp({str(path)!r})(**inputs)[0])
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
+    np.testing.assert_allclose(np.load(tmp_path / "got.npy"), pruned.run(inputs)[0], rtol=0, atol=1e-5)
+
+
+def test_options_are_checked(pruned: Program) -> None:
+    with pytest.raises(TypeError, match="unknown cpp backend options: thread"):
+        graphopt.compile(pruned, backend="cpp", thread=2)
+    with pytest.raises(ValueError, match="rows must be >= 1"):
+        graphopt.compile(pruned, backend="cpp", rows=0)
