@@ -12,6 +12,9 @@ all-MiniLM-L6-v2 (graphopt's ``BertEncoder``; every candidate starts from the sa
 * ``ort nbits4`` / ``ort nbits8``: ``MatMulNBitsQuantizer`` (block 32, asymmetric, its
   default accuracy level) on the MatMuls, round-to-nearest
 * ``graphopt <recipe>``: the ``model.onnx`` of ``graphopt compress --model minilm --recipe <recipe>``
+* ``graphopt <qat recipe> (PTQ)``: the same recipe without its ``qat`` pass, so PTQ and QAT are
+  compared at the same spec; the ``build s`` column is the whole compress wall time (calibration,
+  training, export), which for a QAT recipe is mostly training
 
 Latency: batch 1 and 8, sequence 128, 2 intra-op threads, spinning off, one session alive
 at a time; candidates interleaved round by round so the load of a shared machine falls on
@@ -46,7 +49,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 BATCHES = (1, 8)
 SEQUENCE = 128
 BASELINE, BEST_EXISTING = "ort fp32", "ort-opt + dynamic"
-RECIPES = ("fp32", "int8-dynamic", "int8-static", "int8-mixed", "int8-weight-only", "int4-weight-only")
+RECIPES = ("fp32", "int8-dynamic", "int8-static", "int8-mixed", "int8-weight-only", "int4-weight-only", "int8-qat",
+           "int4-qat")
+#: A QAT recipe is also built without its ``qat`` pass ("<recipe> (PTQ)"): the same spec, calibrated only.
+PTQ_TWIN = " (PTQ)"
 
 
 def _calibration_reader(tokenizer: Any):
@@ -67,8 +73,25 @@ def _calibration_reader(tokenizer: Any):
     return Reader()
 
 
-def build(work: Path, reuse: bool, recipes: tuple[str, ...]) -> dict[str, Path]:
-    """Writes every candidate into ``work``; with ``reuse``, keeps those already there."""
+def _recipes(names: tuple[str, ...]) -> dict[str, Any]:
+    """Candidate name -> recipe (a name, or for a QAT recipe's PTQ twin the recipe without ``qat``)."""
+    import tomllib
+
+    from graphopt.recipe import Recipe, shipped_recipes
+
+    recipes: dict[str, Any] = {}
+    for name in names:
+        recipes[f"graphopt {name}"] = name
+        data = tomllib.loads(shipped_recipes()[name].read_text())
+        if any(step.get("pass") == "qat" for step in data.get("pipeline", [])):
+            data["pipeline"] = [step for step in data["pipeline"] if step.get("pass") != "qat"]
+            recipes[f"graphopt {name}{PTQ_TWIN}"] = Recipe.from_dict(data, name=f"{name}{PTQ_TWIN}")
+    return recipes
+
+
+def build(work: Path, reuse: bool, recipes: tuple[str, ...]) -> tuple[dict[str, Path], dict[str, float]]:
+    """Writes every candidate into ``work`` (with ``reuse``, keeps those already there); returns
+    the files and each graphopt candidate's compress wall time (0 when reused)."""
     import onnx_ir
     from onnxruntime.quantization import QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -81,7 +104,7 @@ def build(work: Path, reuse: bool, recipes: tuple[str, ...]) -> dict[str, Path]:
     files = {"ort fp32": work / "dynamo.onnx", "ort dynamic": work / "ort_dynamic.onnx",
              "ort-opt + dynamic": work / "ort_opt_dynamic.onnx", "ort static": work / "ort_static.onnx",
              "ort nbits4": work / "ort_nbits4.onnx", "ort nbits8": work / "ort_nbits8.onnx",
-             **{f"graphopt {r}": work / r / "model.onnx" for r in recipes}}
+             **{c: work / c.removeprefix("graphopt ").replace(" ", "_") / "model.onnx" for c in _recipes(recipes)}}
     todo = {k for k, p in files.items() if not (reuse and p.exists())}
     bundle = registry.models.get("minilm")()
     if "ort fp32" in todo:
@@ -105,12 +128,14 @@ def build(work: Path, reuse: bool, recipes: tuple[str, ...]) -> dict[str, Path]:
                 quantizer = MatMulNBitsQuantizer(source, bits=bits, block_size=32, is_symmetric=False)
                 quantizer.process()
                 quantizer.model.save_model_to_file(str(files[f"ort nbits{bits}"]))
-    for recipe in recipes:
-        if f"graphopt {recipe}" in todo:
+    build_s: dict[str, float] = {}
+    for candidate, recipe in _recipes(recipes).items():
+        if candidate in todo:
             start = time.perf_counter()
-            graphopt.compress("minilm", recipe, out=files[f"graphopt {recipe}"].parent, final_check=False)
-            print(f"  graphopt {recipe}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    return files
+            graphopt.compress("minilm", recipe, out=files[candidate].parent, final_check=False)
+            build_s[candidate] = time.perf_counter() - start
+            print(f"  {candidate}: {build_s[candidate]:.0f} s", file=sys.stderr)
+    return files, build_s
 
 
 def _feeds(batch: int) -> dict[str, np.ndarray]:
@@ -170,7 +195,7 @@ def measure(files: dict[str, Path], *, rounds: int, warmup: int, runs: int, thre
     return samples
 
 
-def table(files: dict[str, Path], samples: dict, scores: dict) -> list[dict[str, Any]]:
+def table(files: dict[str, Path], samples: dict, scores: dict, build_s: dict[str, float]) -> list[dict[str, Any]]:
     rows = []
     fp32_size = files[BASELINE].stat().st_size
     for b in BATCHES:
@@ -181,7 +206,7 @@ def table(files: dict[str, Path], samples: dict, scores: dict) -> list[dict[str,
                          "rounds_ms": [round(s[0], 1) for s in samples[(name, b)]],
                          "vs_fp32": med[BASELINE] / med[name], "cpu_vs_fp32": cpu[BASELINE] / cpu[name],
                          "vs_best": med[name] / med[BEST_EXISTING], "cpu_vs_best": cpu[name] / cpu[BEST_EXISTING],
-                         "mb": files[name].stat().st_size / 1e6, "size_ratio": files[name].stat().st_size / fp32_size,
+                         "build_s": build_s.get(name), "mb": files[name].stat().st_size / 1e6, "size_ratio": files[name].stat().st_size / fp32_size,
                          **scores[name]})
     return rows
 
@@ -203,11 +228,11 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.build_threads)
-    files = build(args.work, args.reuse, tuple(r for r in args.recipes.split(",") if r))
+    files, build_s = build(args.work, args.reuse, tuple(r for r in args.recipes.split(",") if r))
     scores = accuracy(files)
     load_before = os.getloadavg()[0]
     samples = measure(files, rounds=args.rounds, warmup=args.warmup, runs=args.runs, threads=args.threads)
-    rows = table(files, samples, scores)
+    rows = table(files, samples, scores, build_s)
     from graphopt.bench import machine_info
     from graphopt.report import versions
 
@@ -216,13 +241,14 @@ def main() -> int:
           f"{machine['load_average_1m']:.2f} after; {args.threads} threads, spinning off, sequence {SEQUENCE}, "
           f"{args.rounds} interleaved rounds")
     print(f"\n| candidate | batch | p50 ms | CPU ms | vs {BASELINE} (wall / CPU) | vs best existing (wall / CPU) "
-          "| MB | size | mean cos | worst cos | Spearman | top-1 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| MB | size | mean cos | worst cos | Spearman | top-1 | build s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        built = "" if r["build_s"] is None else f"{r['build_s']:.0f}"
         print(f"| {r['candidate']} | {r['batch']} | {r['p50_ms']:.1f} | {r['cpu_ms']:.1f} | {r['vs_fp32']:.2f}× / "
               f"{r['cpu_vs_fp32']:.2f}× | {r['vs_best']:.2f} / {r['cpu_vs_best']:.2f} | {r['mb']:.1f} | "
               f"{r['size_ratio']:.3f} | {r['mean_cosine']:.4f} | {r['worst_cosine']:.4f} | {r['spearman']:.4f} | "
-              f"{r['top1_agreement']:.3f} |")
+              f"{r['top1_agreement']:.3f} | {built} |")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "load_average_1m_before": load_before,
                                          "versions": versions(), "settings": vars(args) | {"work": str(args.work),

@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--recipe", "-r", required=True, help="shipped recipe name (e.g. fp32) or a .toml path")
     comp.add_argument("--out", "-o", required=True, help="output folder")
     comp.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
+    comp.add_argument("--baseline", metavar="RECIPE", help="also build this recipe (e.g. fp32) from the same model "
+                      "and print size, ONNX Runtime speed and held-out accuracy against it")
 
     lst = sub.add_parser("passes", help="list registered passes with their kinds and options",
                          description="Every pass registered in the graphopt.passes entry-point group "
@@ -169,7 +171,8 @@ def _compress(args: argparse.Namespace, console: Console) -> int:
 
     progress = _RichProgress(console)
     with progress.status:
-        result = compress(args.model, args.recipe, out=args.out, instruments=[progress], progress=progress.message)
+        result = compress(args.model, args.recipe, out=args.out, instruments=[progress], progress=progress.message,
+                          baseline=args.baseline)
     report = result.report
     if args.json:
         print(json.dumps(report, indent=1, default=str))
@@ -188,6 +191,11 @@ def _compress(args: argparse.Namespace, console: Console) -> int:
         out.print(f"[bold]{backend}[/] on {check['data']}: {figures}", highlight=False)
     for name, size in report["artifacts"].items():
         out.print(f"  {result.out}/{name}: {size / 1e6:.2f} MB", highlight=False)
+    if "baseline" in report:
+        from graphopt.baseline import summary_rows
+
+        comparison = report["baseline"]
+        _print_table(f"against the {comparison['recipe']} artifact ({comparison['noise']})", *summary_rows(comparison))
     return 0
 
 

@@ -86,7 +86,8 @@ def _bundle_from(text: str, bundle: object) -> ModelBundle:
 
 def compress(model: str | os.PathLike[str] | nn.Module | ModelBundle | None, recipe: str | os.PathLike[str] | Recipe,
              *, out: str | os.PathLike[str] | None = None, instruments: Sequence[Instrument] = (),
-             progress: Callable[[str], None] | None = None, final_check: bool = True) -> CompressResult:
+             progress: Callable[[str], None] | None = None, final_check: bool = True,
+             baseline: str | os.PathLike[str] | Recipe | None = None) -> CompressResult:
     """Compresses ``model`` with ``recipe`` and, if ``out`` is given, writes the artifacts there.
 
     Args:
@@ -97,6 +98,9 @@ def compress(model: str | os.PathLike[str] | nn.Module | ModelBundle | None, rec
         instruments: Pipeline observers (progress display, dumps).
         progress: Called with a short message as each phase starts.
         final_check: Compare every artifact against the original model.
+        baseline: A recipe (``"fp32"``) to build from the same model and compare against:
+            sizes, ONNX Runtime latency at batch 1 and 8, held-out accuracy side by side
+            (``report["baseline"]``, `graphopt.baseline`).
 
     Raises:
         GraphoptError: any refusal, naming what is at fault.
@@ -133,6 +137,15 @@ def compress(model: str | os.PathLike[str] | nn.Module | ModelBundle | None, rec
                    "sha256": recipe.sha256, "pipeline": [dataclasses.asdict(p) for p in recipe.pipeline],
                    "backends": [dataclasses.asdict(b) for b in recipe.backends]}
     report = build_report(recipe=recipe_info, program=final, checks=checks, artifacts={}, timings=timings)
+    if baseline is not None:
+        from graphopt.baseline import compare_to_baseline
+
+        start = time.perf_counter()
+        say(f"building the {baseline} baseline")
+        base = compress(source, baseline, final_check=final_check)
+        report["baseline"] = compare_to_baseline(base.report["recipe"]["name"], executables, base.executables,
+                                                 checks, base.report["final_check"], progress=say)
+        timings["baseline"] = time.perf_counter() - start
     notes = {name: dict(e.notes) for name, e in executables.items() if getattr(e, "notes", None)}
     if notes:  # what a backend did beyond lowering (sparse initializers, kernel formats)
         report["backend_notes"] = notes

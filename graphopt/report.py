@@ -95,6 +95,14 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines.append("")
     for backend, notes in report.get("backend_notes", {}).items():
         lines += [f"## Backend notes: {backend}", "", "```json", json.dumps(notes, indent=1, default=str), "```", ""]
+    if "baseline" in report:
+        from graphopt.baseline import summary_rows
+
+        comparison = report["baseline"]
+        lines += [f"## Against the {comparison['recipe']} artifact", "", f"({comparison['noise']}; "
+                  "figures in parentheses are the baseline's)", ""]
+        lines += _md_table(*summary_rows(comparison))
+        lines.append("")
     lines += ["## Artifacts", ""]
     lines += [f"- `{name}`: {size / 1e6:.2f} MB" for name, size in report["artifacts"].items()]
     lines += ["", "## Versions", "", "```", json.dumps(report["versions"], indent=1), "```", ""]

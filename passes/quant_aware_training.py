@@ -1,4 +1,4 @@
-"""Quantization-aware training: the calibrated quantization spec, refined by training under fake quantization.
+"""Train under fake quantization: nn.Linear(W) with spec scales s -> nn.Linear(W') with trained scales s' (QAT).
 
 Before: a module program whose layers carry a ``QuantSpec`` (from ``calibrate``, optionally
 ``mixed-precision`` and ``round-weights``). After: the same module (plain ``nn.Linear``s,
@@ -33,7 +33,13 @@ from typing import Any
 import numpy as np
 
 from graphopt.data.corpus import SOURCES, corpus_digest, load_training_data
-from graphopt.distill import DistillationLoss, HiddenStateLoss, OutputLoss, SoftLabelLoss, keep_teacher
+from graphopt.distill import (
+    DistillationLoss,
+    HiddenStateLoss,
+    OutputLoss,
+    SoftLabelLoss,
+    keep_teacher,
+)
 from graphopt.errors import PreconditionError
 from graphopt.evaluate import heldout_agreement
 from graphopt.pass_base import Pass, PassResult

@@ -34,7 +34,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from graphopt.quantization.modules import fake_quantize_dynamic
-from graphopt.quantization.spec import QuantSpec, TensorQuant, broadcast_params, fake_quantize, qparams
+from graphopt.quantization.spec import (
+    QuantSpec,
+    TensorQuant,
+    broadcast_params,
+    fake_quantize,
+    qparams,
+)
 
 __all__ = ["QatLinear", "QatObserverHook", "lsq_fake_quantize", "swap_qat", "unswap_qat"]
 

@@ -8,14 +8,20 @@ import torch
 
 import graphopt
 from graphopt import registry
-from graphopt.errors import PreconditionError
 from graphopt.data import load_sentences
+from graphopt.errors import PreconditionError
 from graphopt.onnx_runtime import run_onnx_model
 from graphopt.program import Program
-from graphopt.testing import op_types
-from graphopt.quantization import get_specs, swap_fake_quant
+from graphopt.quantization import (
+    QuantSpec,
+    TensorQuant,
+    get_specs,
+    qparams,
+    swap_fake_quant,
+    weight_format,
+)
 from graphopt.quantization.qat import QatLinear, lsq_fake_quantize
-from graphopt.quantization import QuantSpec, TensorQuant, qparams, weight_format
+from graphopt.testing import op_types
 
 
 def calibrate(**options):
