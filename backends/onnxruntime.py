@@ -67,6 +67,12 @@ class OnnxRuntimeExecutable(Executable):
     def __call__(self, **inputs: torch.Tensor | np.ndarray) -> tuple[np.ndarray, ...]:
         return run_session(self.session, inputs)
 
+    def artifact_bytes(self) -> int:
+        """The serialized model; with external data, the initializers' bytes (the graph is small beside them)."""
+        if not self.external_data:
+            return len(self.model_bytes)
+        return sum(len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes for t in self.proto.graph.initializer)
+
     def write_into(self, folder: Path) -> list[Path]:
         path = folder / self.artifact_name
         if self.external_data:

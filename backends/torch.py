@@ -36,6 +36,11 @@ class TorchExecutable(Executable):
         with torch.inference_mode():
             return tuple(t.float().numpy() for t in flatten_outputs(self.module(**tensors)))
 
+    def artifact_bytes(self) -> int:
+        """The module's parameters and buffers (the exported graph is small beside them)."""
+        tensors = {id(t): t for t in (*self.module.parameters(), *self.module.buffers())}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
     def write_into(self, folder: Path) -> list[Path]:
         batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
         dynamic = {k: {0: batch, 1: sequence} if v.dim() >= 2 else {} for k, v in self.example_inputs.items()}

@@ -1,11 +1,14 @@
 """Child-process probe: create ONNX Runtime sessions on an untrusted model and run it once.
 
-Run as a script (``python _ort_child.py MODEL INPUTS.npz OUTPUTS.npz``), never imported by
-graphopt itself: it imports only numpy and onnxruntime, so it starts fast, and a native
-crash in session creation (measured: a legal model can segfault ORT's optimizer) kills
-this process, not graphopt's.
+Run as a script (``python _ort_child.py MODEL INPUTS.npz OUTPUTS.npz [MAX_BYTES]``), never
+imported by graphopt itself: it imports only numpy and onnxruntime, so it starts fast, and a
+native crash in session creation (measured: a legal model can segfault ORT's optimizer) kills
+this process, not graphopt's. ``MAX_BYTES`` caps the process's address space (``RLIMIT_AS``)
+before ONNX Runtime sees the model: a file whose constant folding or outputs would need
+gigabytes fails to allocate here and exits non-zero, instead of exhausting the machine.
 """
 
+import resource
 import sys
 
 import numpy as np
@@ -26,4 +29,7 @@ def main(model_path: str, inputs_path: str, outputs_path: str) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 4:
+        limit = int(sys.argv[4])
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     main(*sys.argv[1:4])

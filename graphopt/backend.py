@@ -45,9 +45,13 @@ class Executable(abc.ABC):
     def write_into(self, folder: Path) -> list[Path]:
         """Writes the artifact's files into an existing (staging) folder; returns their paths."""
 
+    def artifact_bytes(self) -> int | None:
+        """About how many bytes ``write_into`` writes, or None if unknown; named when the disk fills up."""
+        return None
+
     def save(self, out: str | os.PathLike[str]) -> Path:
         """Writes the artifact into folder ``out`` atomically and returns the main file's path."""
-        with atomic_output_dir(out) as staging:
+        with atomic_output_dir(out, expected_bytes=self.artifact_bytes()) as staging:
             self.write_into(staging)
         return Path(out) / self.artifact_name
 

@@ -152,7 +152,9 @@ def compress(model: str | os.PathLike[str] | nn.Module | ModelBundle | None, rec
     target = None
     if out is not None:
         say(f"writing {out}")
-        with atomic_output_dir(out) as staging:
+        sizes = [size for e in executables.values() if (size := e.artifact_bytes()) is not None]
+        expected = sum(sizes) if len(sizes) == len(executables) else None  # the reports are small beside them
+        with atomic_output_dir(out, expected_bytes=expected) as staging:
             for executable in executables.values():
                 executable.write_into(staging)
             report["artifacts"] = {p.name: p.stat().st_size for p in sorted(staging.iterdir())}

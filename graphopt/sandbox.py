@@ -27,11 +27,19 @@ __all__ = ["probe_onnx_model"]
 logger = logging.getLogger(__name__)
 
 _CHILD = Path(__file__).with_name("_ort_child.py")
+#: The probe child's address-space cap: Python, numpy and ONNX Runtime take about 1 GiB of
+#: address space before a model is loaded; the rest is for the model (several copies while
+#: ORT optimizes it) and its activations. A hostile file that asks for more fails there.
+PROBE_BASE_BYTES = 4 << 30
+PROBE_BYTES_PER_MODEL_BYTE = 6
 
 
 def probe_onnx_model(model_bytes: bytes, inputs: Mapping[str, torch.Tensor], *, source: str,
-                     timeout_s: float = 300.0) -> tuple[np.ndarray, ...]:
+                     timeout_s: float = 300.0, max_bytes: int | None = None) -> tuple[np.ndarray, ...]:
     """Runs the model once in a child process; returns its outputs.
+
+    ``max_bytes`` caps the child's address space (default ``PROBE_BASE_BYTES`` plus
+    ``PROBE_BYTES_PER_MODEL_BYTE`` times the model's size).
 
     Raises:
         FormatError: ONNX Runtime refused the model, crashed on it, or ran past ``timeout_s``.
@@ -42,7 +50,9 @@ def probe_onnx_model(model_bytes: bytes, inputs: Mapping[str, torch.Tensor], *, 
         np.savez(inputs_path, **{k: v.numpy() for k, v in inputs.items()})
         try:
             # -I: the script's folder (graphopt/, which holds an inspect.py) must not shadow the stdlib.
-            run = subprocess.run([sys.executable, "-I", str(_CHILD), str(model_path), str(inputs_path), str(outputs_path)],
+            limit = max_bytes or PROBE_BASE_BYTES + PROBE_BYTES_PER_MODEL_BYTE * len(model_bytes)
+            run = subprocess.run([sys.executable, "-I", str(_CHILD), str(model_path), str(inputs_path), str(outputs_path),
+                                  str(limit)],
                                  capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired as error:
             raise FormatError(f"{source}: ONNX Runtime did not finish loading and running the model within "

@@ -3,13 +3,14 @@
 It makes the three kinds of assertion a pass test needs (STYLE.md §14): structure (the
 op types after the pass), validity (fx lint or the ONNX checker), and numerics (against
 the program before the pass: a tight max-abs tolerance for exact passes, a floor on the
-signal-to-quantization-noise ratio for lossy ones).
+signal-to-quantization-noise ratio for lossy ones). ``assert_backends_agree`` compares the
+outputs of several lowered artifacts (ONNX Runtime, cpp) with the torch reference.
 """
 
 from __future__ import annotations
 
 import collections
-from typing import Iterable
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -17,7 +18,7 @@ from graphopt.pass_base import Pass
 from graphopt.pipeline import verify_program
 from graphopt.program import Program
 
-__all__ = ["assert_rewrite", "op_types", "sqnr_db"]
+__all__ = ["assert_backends_agree", "assert_rewrite", "op_types", "sqnr_db"]
 
 
 def op_types(program: Program) -> collections.Counter[str]:
@@ -67,3 +68,27 @@ def assert_rewrite(pass_: Pass, program: Program, *, expect_ops: dict[str, int] 
         if sqnr_floor is not None:
             assert sqnr_db(got, want) >= sqnr_floor, f"{pass_.name}: SQNR {sqnr_db(got, want):.1f} dB < {sqnr_floor}"
     return after_program
+
+
+def assert_backends_agree(reference: np.ndarray | Sequence[np.ndarray],
+                          candidates: Mapping[str, np.ndarray | Sequence[np.ndarray]], *, atol: float) -> None:
+    """Asserts that every backend's outputs match the reference and each other, max abs ≤ ``atol``.
+
+    Args:
+        reference: the torch module's output(s) on the inputs the candidates ran on.
+        candidates: backend name → its output(s) on the same inputs (``{"onnxruntime": ..., "cpp": ...}``).
+        atol: the largest absolute difference allowed between any two of them.
+    """
+    def outputs(value: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
+        return [np.asarray(value)] if isinstance(value, np.ndarray) else [np.asarray(v) for v in value]
+
+    named = {"torch": outputs(reference), **{name: outputs(value) for name, value in candidates.items()}}
+    names = list(named)
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            a, b = named[first], named[second]
+            assert len(a) == len(b), f"{first} gave {len(a)} outputs, {second} {len(b)}"
+            for k, (x, y) in enumerate(zip(a, b)):
+                assert x.shape == y.shape, f"output {k}: {first} {x.shape} vs {second} {y.shape}"
+                diff = float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)))) if x.size else 0.0
+                assert diff <= atol, f"output {k}: {first} and {second} differ by {diff:.3g} > {atol:g}"

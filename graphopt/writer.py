@@ -6,7 +6,9 @@ same-filesystem ``rename(2)``), and only when every file is complete renames it 
 A previous artifact at ``OUT`` is moved aside first and deleted after, so at every
 instant ``OUT`` is absent, the previous complete artifact, or the new complete one. A
 failed run removes its temporary folder; a later run removes temporary folders whose
-owning process is dead.
+owning process is dead. When the disk fills up, the error names the target and the bytes
+the artifact needs (what the caller declared it would write, else at least what reached the
+disk before it filled).
 """
 
 from __future__ import annotations
@@ -69,8 +71,13 @@ def _remove_stale(parent: Path, name: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_output_dir(out: str | os.PathLike[str], *, expected_bytes: int | None = None) -> Iterator[Path]:
     """Yields an empty staging folder; on success it replaces ``out`` in one rename.
+
+    Args:
+        out: the artifact folder to create or replace.
+        expected_bytes: how many bytes the caller will write into the staging folder, when it
+            knows (serialized model plus external data); named in the disk-full error.
 
     Raises:
         OutputError: the target cannot be written, or the disk filled up.
@@ -85,14 +92,29 @@ def atomic_output_dir(out: str | os.PathLike[str]) -> Iterator[Path]:
         yield staging
         _replace(staging, target)
     except OSError as error:
+        written = _folder_bytes(staging)
         shutil.rmtree(staging, ignore_errors=True)
         if error.errno == errno.ENOSPC:
-            raise OutputError(f"{target}: the disk is full while writing the artifact; nothing was written "
-                              "and any previous artifact is kept. Free space and run again") from error
+            needed = (f"needs {expected_bytes} bytes" if expected_bytes is not None and expected_bytes >= written
+                      else f"needs more than {written} bytes")
+            raise OutputError(f"{target}: the disk is full while writing the artifact, which {needed} "
+                              f"({written} bytes fitted before the disk filled); nothing was written and any "
+                              f"previous artifact is kept. Free at least that much space in {target.parent} "
+                              "and run again") from error
         raise OutputError(f"{target}: cannot write the artifact ({error.strerror or error})") from error
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _folder_bytes(folder: Path) -> int:
+    """Bytes in the regular files under ``folder`` (0 where it cannot be read)."""
+    total = 0
+    for path in folder.rglob("*"):
+        with contextlib.suppress(OSError):
+            if path.is_file():
+                total += path.stat().st_size
+    return total
 
 
 def _replace(staging: Path, target: Path) -> None:

@@ -20,18 +20,23 @@ BiasGelu 6), max diff 2e-7 against the unfused graph.
 Invariant: exact within ``tolerance`` (fp32 summation order only). Graph inputs and outputs
 keep their names, dtypes and dims (dynamic ``batch``/``sequence`` stay dynamic); checked
 after the rewrite. The result needs ONNX Runtime (com.microsoft ops), no other runtime.
+
+Constant folding (onnxscript's optimizer, run between the fusions) is capped: a node whose
+result would exceed ``FOLD_OUTPUT_LIMIT`` elements and be larger than its inputs is left
+unfolded, decided from its inferred shape *before* it is evaluated (see ``_fold_guard``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
-from onnxscript.optimizer import optimize
+from onnxscript.optimizer import optimize_ir
 from onnxscript.rewriter import pattern, rewrite
 from onnxscript.rewriter.ort_fusions import (attention, bias_gelu, cos_sin_cache, erfgelu, fused_matmul_rule_sets,
                                              gelu, gqa, gqa_packed_qkv, instance_to_group_normalization, mha,
@@ -47,6 +52,23 @@ from graphopt.program import Program
 __all__ = ["OrtFusionsPass"]
 
 logger = logging.getLogger(__name__)
+
+# Constant-folding caps, in elements. onnxscript evaluates a foldable node in numpy first and
+# checks the result's size after, so a hostile file (Expand, Tile or ConstantOfShape of a
+# one-element constant to 2**28 elements) would allocate gigabytes before being refused.
+# Both limits are onnxscript's defaults made explicit; FOLD_OUTPUT_LIMIT is also enforced
+# before evaluation by ``_fold_guard``. A result larger than this that is no larger than the
+# node's inputs (a transposed weight) may still fold: it creates no new memory.
+FOLD_INPUT_LIMIT = 8192
+FOLD_OUTPUT_LIMIT = 512 * 512
+# Ops whose result can be far larger than their inputs. Their result size is computed from
+# the constant inputs themselves (a file's declared shapes may lie); where it cannot be, the
+# node is not folded.
+_GROWING_OPS = frozenset({"ConstantOfShape", "Expand", "Tile", "Range", "Resize", "Upsample", "Pad", "OneHot",
+                          "CenterCropPad"})
+_BROADCASTING_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Mod", "Sum", "Max", "Min", "Mean", "Where",
+                               "And", "Or", "Xor", "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual",
+                               "BitShift", "BitwiseAnd", "BitwiseOr", "BitwiseXor", "PRelu"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,9 +134,9 @@ class OrtFusionsPass(Pass):
 
         rewrite(model, [_gemm_to_matmul_add.gemm_to_matmul_add_rule])
         common_passes.ShapeInferencePass()(model)
-        optimize(model)
+        _optimize(model)
         shape_optimization.rules.apply_to_model(model)
-        optimize(model)
+        _optimize(model)
         if o.embed_layer_norm:
             fuse("embed_layer_norm", embed_layer_norm_rules().apply_to_model)
         if o.gelu:
@@ -128,7 +150,7 @@ class OrtFusionsPass(Pass):
         if o.gelu:
             fuse("gelu", gelu.fuse_gelu)
             fuse("bias_gelu", bias_gelu.fuse_bias_gelu)
-        optimize(model)  # inlines any intermediate fusion function left unconsumed
+        _optimize(model)  # inlines any intermediate fusion function left unconsumed
         if o.fused_matmul:
             fuse("fused_matmul", pattern.RewriteRuleSet([
                 *softmax.rules.rules, *instance_to_group_normalization.rules.rules,
@@ -165,6 +187,75 @@ class OrtFusionsPass(Pass):
         if self.options.pack_qkv:
             fuse("attention", attention.fuse_attention)
         fuse("sdpa_via_mha", sdpa_via_mha.replace_sdpa_by_mha)
+
+
+def _elements(value: ir.Value | None) -> int | None:
+    """Elements of ``value`` from its static shape, or None when unknown."""
+    if value is None or value.shape is None or not all(isinstance(d, int) for d in value.shape.dims):
+        return None
+    return math.prod(int(d) for d in value.shape.dims)
+
+
+def _small_ints(value: ir.Value | None) -> list[int] | None:
+    """The constant ``value``'s entries as Python ints if it is a small (shape-like) tensor, else None."""
+    if value is None or value.const_value is None or value.const_value.size > 64:
+        return None
+    return [int(x) for x in value.const_value.numpy().reshape(-1)]
+
+
+def _scalar(value: ir.Value | None) -> float | None:
+    if value is None or value.const_value is None or value.const_value.size != 1:
+        return None
+    return float(value.const_value.numpy().reshape(-1)[0])
+
+
+def _computed_elements(node: ir.Node) -> int | None:
+    """Elements of the result of a growing or broadcasting op, from its constant inputs (not from
+    declared shapes, which a file may get wrong), or None when it cannot be told. Python ints, so
+    a hostile shape cannot wrap around to a small number."""
+    shapes = [tuple(int(d) for d in v.const_value.shape.dims) if v is not None and v.const_value is not None
+              else None for v in node.inputs]
+    try:
+        if node.op_type in _BROADCASTING_OPS and shapes and all(s is not None for s in shapes):
+            return math.prod(np.broadcast_shapes(*shapes))  # type: ignore[arg-type]
+        if node.op_type == "ConstantOfShape" and (dims := _small_ints(node.inputs[0])) is not None:
+            return math.prod(dims)
+        if node.op_type == "Expand" and shapes[0] is not None and (dims := _small_ints(node.inputs[1])) is not None:
+            return math.prod(np.broadcast_shapes(shapes[0], tuple(dims)))
+        if node.op_type == "Tile" and shapes[0] is not None and (reps := _small_ints(node.inputs[1])) is not None:
+            return math.prod(d * r for d, r in zip(shapes[0], reps)) if len(reps) == len(shapes[0]) else None
+        if node.op_type == "Range" and len(node.inputs) == 3:
+            start, limit, delta = (_scalar(v) for v in node.inputs)
+            if start is not None and limit is not None and delta:
+                return max(math.ceil((limit - start) / delta), 0)
+    except (ValueError, TypeError, OverflowError, IndexError):
+        return None
+    return None
+
+
+def _fold_guard(node: ir.Node) -> bool | None:
+    """onnxscript's ``should_fold``: False (keep the node) when folding would allocate a result over
+    ``FOLD_OUTPUT_LIMIT`` elements that is larger than the node's constant inputs, or when a growing
+    op's result size cannot be told; None (onnxscript's own rules) otherwise. onnxscript calls it
+    after the node's shape inference and before evaluating it, only for all-constant nodes."""
+    standard = node.domain in ("", "ai.onnx")
+    computed = _computed_elements(node) if standard else None
+    if computed is None and standard and node.op_type in _GROWING_OPS:
+        return False
+    declared = [_elements(v) for v in node.outputs]
+    output = max(computed or 0, sum(size or 0 for size in declared))
+    inputs = sum(v.const_value.size for v in node.inputs if v is not None and v.const_value is not None)
+    if output > FOLD_OUTPUT_LIMIT and output > inputs:
+        logger.info("not folding %s %r: its result would have %d elements, its inputs %d",
+                    node.op_type, node.name, output, inputs)
+        return False
+    return None
+
+
+def _optimize(model: ir.Model) -> None:
+    """onnxscript's ``optimize`` (folding, dead code, inlining) with graphopt's explicit folding caps."""
+    optimize_ir(model, input_size_limit=FOLD_INPUT_LIMIT, output_size_limit=FOLD_OUTPUT_LIMIT,
+                should_fold=_fold_guard)
 
 
 def _fold_weight_concats(model: ir.Model) -> int:

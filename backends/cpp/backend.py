@@ -132,6 +132,12 @@ class CppExecutable(Executable):
         with torch.inference_mode():
             return tuple(t.float().numpy() for t in flatten_outputs(self.module(**tensors)))
 
+    def artifact_bytes(self) -> int:
+        """The exported program's weights and constants (the graph itself is small beside them)."""
+        tensors = {id(t): t for t in (*self.exported.state_dict.values(), *self.exported.constants.values())
+                   if isinstance(t, torch.Tensor)}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
     def write_into(self, folder: Path) -> list[Path]:
         path = folder / self.artifact_name
         torch.export.save(self.exported, str(path))

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from graphopt.errors import BackendError
+
 __all__ = [
     "BuildError",
     "BuildSpec",
@@ -85,8 +87,9 @@ load(name=a["name"], sources=a["sources"], extra_cflags=a["cflags"],
 """
 
 
-class BuildError(RuntimeError):
-    """The C++ extension could not be built or verified.
+class BuildError(BackendError, RuntimeError):
+    """The C++ extension could not be built or verified (a ``GraphoptError``: the CLI reports it without a
+    traceback; still a ``RuntimeError`` for callers that caught it as one).
 
     Attributes:
         final: whether retrying with the same inputs would fail the same way.

@@ -13,7 +13,7 @@ import pytest
 import graphopt
 from graphopt import registry
 from graphopt.program import Program
-from graphopt.testing import sqnr_db
+from graphopt.testing import assert_backends_agree, sqnr_db
 
 pytest.importorskip("graphopt.backends.cpp.backend")
 
@@ -81,6 +81,18 @@ def test_model_pt2_loads_in_a_new_process_and_matches(pruned: Program, table: st
     """)
     subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
     np.testing.assert_allclose(np.load(tmp_path / "got.npy"), pruned.run(inputs)[0], rtol=0, atol=1e-5)
+
+
+def test_torch_onnxruntime_and_cpp_agree(pruned: Program, table: str) -> None:
+    """The same pruned program lowered to ONNX Runtime (after export) and to the cpp kernels: on
+    the same tokenized sentences, each within 1e-4 (max abs) of the torch module and of each other."""
+    inputs = pruned.tokenizer(["One short sentence.", "And a second, somewhat longer sentence here.",
+                               "A third one."])
+    onnx_program = graphopt.Pipeline([registry.passes.get("export")()]).run(pruned.clone())
+    ort = graphopt.compile(onnx_program, backend="onnxruntime")
+    cpp = graphopt.compile(pruned, backend="cpp", table=table)
+    assert_backends_agree(pruned.run(inputs)[0], {"onnxruntime": ort(**inputs)[0], "cpp": cpp(**inputs)[0]},
+                          atol=1e-4)
 
 
 def test_options_are_checked(pruned: Program) -> None:

@@ -9,7 +9,6 @@ built once per session (cached across sessions in the user's cache).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -346,32 +345,63 @@ def test_stale_lock_does_not_hang(tmp_path: Path, caplog) -> None:
     )
 
 
-def test_concurrent_builds_build_once(tmp_path: Path) -> None:
-    spec = _probe_spec(tmp_path, 4)
-    root = tmp_path / "cache"
+def test_eight_processes_on_an_empty_cache_build_once(tmp_path: Path) -> None:
+    """8 processes load graphopt's real kernels at the same instant from an empty cache: one
+    builds (under the flock), the 7 others wait, verify its sha256 and load it; all 8 get a
+    working op (csr_linear against F.linear)."""
+    cache = tmp_path / "cache"
+    go = tmp_path / "go"
     code = textwrap.dedent(
         """
-        import json, logging, sys
+        import logging, sys, time
         from pathlib import Path
-        logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-        from graphopt.backends.cpp import build
-        spec = build.BuildSpec(
-            name="graphopt_probe", sources=(Path(sys.argv[1]),), cflags=("-O0",), ldflags=()
-        )
-        print(json.dumps(str(build.build_library(spec, Path(sys.argv[2])))))
+        import torch
+        import torch.nn.functional as F
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+        from graphopt.backends.cpp import build, ops
+        Path(sys.argv[1]).touch()  # ready: every process is past its imports
+        while not Path(sys.argv[2]).exists():
+            time.sleep(0.01)
+        build.load_extension()
+        w = torch.randn(8, 16) * (torch.rand(8, 16) < 0.3)
+        x = torch.randn(3, 16)
+        diff = (ops.sparse_linear(x, ops.pack_csr(w)) - F.linear(x, w)).abs().max().item()
+        print(f"max diff {diff:.3g}")
+        assert diff < 1e-4
         """
     )
+    env = {**os.environ, "GRAPHOPT_CACHE_DIR": str(cache)}
+    env.pop("GRAPHOPT_CPP_PORTABLE", None)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", code, str(spec.sources[0]), str(root)],
+            [sys.executable, "-c", code, str(tmp_path / f"ready-{i}"), str(go)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env=env,
         )
-        for _ in range(2)
+        for i in range(8)
     ]
-    results = [p.communicate(timeout=300) for p in procs]
+    try:
+        deadline = time.monotonic() + 300
+        while len(list(tmp_path.glob("ready-*"))) < 8 and time.monotonic() < deadline:
+            if any(p.poll() is not None for p in procs):
+                for p in procs:
+                    p.kill()
+                pytest.fail(f"a process exited before the start: {[p.communicate() for p in procs]}")
+            time.sleep(0.05)
+        assert len(list(tmp_path.glob("ready-*"))) == 8, "not all 8 processes started within 300 s"
+        assert not cache.exists(), "the cache must be empty when the 8 start"
+        go.touch()
+        results = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     assert all(p.returncode == 0 for p in procs), results
-    paths = {json.loads(out) for out, _ in results}
-    assert len(paths) == 1
-    assert sum("building C++ kernels" in err for _, err in results) == 1
+    assert all("max diff" in out for out, _ in results), results
+    building = [err.count("building C++ kernels") for _, err in results]
+    built = sum(line.startswith("built ") for _, err in results for line in err.splitlines())
+    assert sum(n > 0 for n in building) == 1 and built == 1, results
+    libraries = list(cache.glob("ext/*/graphopt_cpp.so"))
+    assert len(libraries) == 1 and (libraries[0].parent / "graphopt_cpp.so.sha256").exists()

@@ -140,6 +140,20 @@ def test_crashing_model_is_an_error_not_a_crash(tmp_path: Path) -> None:
         assert program.reference_output[0].shape == (2, 4)
 
 
+def test_model_that_needs_gigabytes_is_refused_not_run(tmp_path: Path) -> None:
+    """ConstantOfShape to 2**32 floats (16 GiB), added to the input: the probe child's address-space
+    cap makes ONNX Runtime fail to allocate, and graphopt reports it, instead of filling the machine."""
+    shape = helper.make_tensor("shape", TensorProto.INT64, [1], [2**32])
+    graph = helper.make_graph(
+        [helper.make_node("ConstantOfShape", ["shape"], ["big"]), helper.make_node("Add", ["x", "big"], ["y"])],
+        "bomb", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2**32])], initializer=[shape])
+    path = tmp_path / "bomb.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path)
+    with pytest.raises(FormatError, match="bomb.onnx: ONNX Runtime cannot run this model"):
+        graphopt.load(path)
+
+
 def test_writer_drops_trailing_empty_inputs() -> None:
     import onnx_ir as ir
 
@@ -171,3 +185,69 @@ def test_large_models_are_written_with_external_data(tmp_path: Path, monkeypatch
     np.testing.assert_allclose(got, tiny_onnx_program.reference_output[0], atol=1e-5)
     reloaded = graphopt.load(path)
     assert len(reloaded.ir.graph.initializers) == len(tiny_onnx_program.ir.graph.initializers)
+
+
+HUGE = 2**28  # 1 GiB of float32 if folded
+
+
+def _huge_constant_model(op: str) -> onnx.ModelProto:
+    """y = x + sum(big), where ``big`` is computed by ``op`` from tiny constants only."""
+    init = [numpy_helper.from_array(np.ones(1, np.float32), "one")]
+    if op == "Expand":
+        init.append(numpy_helper.from_array(np.array([HUGE], np.int64), "dims"))
+        make = helper.make_node("Expand", ["one", "dims"], ["big"])
+    elif op == "Tile":
+        init.append(numpy_helper.from_array(np.array([HUGE], np.int64), "dims"))
+        make = helper.make_node("Tile", ["one", "dims"], ["big"])
+    elif op == "ConstantOfShape":
+        init.append(numpy_helper.from_array(np.array([HUGE], np.int64), "dims"))
+        make = helper.make_node("ConstantOfShape", ["dims"], ["big"],
+                                value=helper.make_tensor("value", TensorProto.FLOAT, [1], [1.0]))
+    elif op == "Range":
+        init += [numpy_helper.from_array(np.array(0, np.float32), "start"),
+                 numpy_helper.from_array(np.array(HUGE, np.float32), "limit"),
+                 numpy_helper.from_array(np.array(1, np.float32), "delta")]
+        make = helper.make_node("Range", ["start", "limit", "delta"], ["big"])
+    else:  # a broadcast of two inputs under the input-size cap: 8192 x 8192
+        init += [numpy_helper.from_array(np.ones((8192, 1), np.float32), "column"),
+                 numpy_helper.from_array(np.ones((1, 8192), np.float32), "row")]
+        make = helper.make_node(op, ["column", "row"], ["big"])
+    graph = helper.make_graph(
+        [make, helper.make_node("ReduceSum", ["big"], ["total"], keepdims=0),
+         helper.make_node("Add", ["x", "total"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], init)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+@pytest.mark.parametrize("op", ["Expand", "Tile", "ConstantOfShape", "Range", "Mul"])
+def test_constant_folding_is_capped(op: str) -> None:
+    """The fusions pass's constant folding leaves a node whose result would be huge unfolded,
+    without evaluating it: the run stays small and fast (the model is never run here)."""
+    import time
+    import tracemalloc
+
+    import onnx_ir as ir
+    import torch
+    from graphopt.passes.ort_fusions import FOLD_OUTPUT_LIMIT
+
+    from graphopt import registry
+    from graphopt.program import Program
+
+    program = Program(kind="onnx", ir=ir.from_proto(_huge_constant_model(op)),
+                      example_inputs={"x": torch.zeros(2, 4)}, reference_output=(np.zeros((2, 4), np.float32),),
+                      output_names=("y",))
+    fusions = registry.passes.get("ort-fusions")()
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    try:
+        result = fusions(program)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - t0 < 30
+    assert peak < 64 << 20, f"constant folding allocated {peak >> 20} MiB"
+    graph = result.program.ir.graph
+    assert op in [node.op_type for node in graph], "the huge node must stay in the graph, unfolded"
+    assert all(v.const_value is None or v.const_value.size <= FOLD_OUTPUT_LIMIT
+               for v in graph.initializers.values())

@@ -74,14 +74,45 @@ def test_stale_temporary_folder_of_a_dead_process_is_removed(tmp_path: Path) -> 
 
 
 def test_disk_full_keeps_previous_and_removes_temporary(tmp_path: Path) -> None:
+    """The error names the target and the bytes needed: declared by the caller, else a lower bound."""
     import errno
 
     out = tmp_path / "out"
     out.mkdir()
     (out / "a.txt").write_text("old")
-    with pytest.raises(OutputError, match="disk is full.*previous artifact is kept"):
-        with atomic_output_dir(out) as staging:
-            (staging / "a.txt").write_text("partial")
-            raise OSError(errno.ENOSPC, "No space left on device")
+    with (pytest.raises(OutputError, match="disk is full.*previous artifact is kept") as raised,
+          atomic_output_dir(out, expected_bytes=123456) as staging):
+        (staging / "a.txt").write_text("partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    message = str(raised.value)
+    assert str(out) in message and "needs 123456 bytes" in message and "7 bytes fitted" in message
     assert (out / "a.txt").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    with (pytest.raises(OutputError, match="needs more than 7 bytes"),  # size not declared
+          atomic_output_dir(out) as staging):
+        (staging / "a.txt").write_text("partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert (out / "a.txt").read_text() == "old"
+
+
+def test_disk_full_while_saving_names_the_model_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      tiny_onnx_program) -> None:
+    """Through a real executable: the bytes needed are the serialized model's."""
+    import errno
+
+    import graphopt
+
+    executable = graphopt.compile(tiny_onnx_program, backend="onnxruntime")
+    real_write = Path.write_bytes
+
+    def full_disk(path: Path, data: bytes) -> int:
+        real_write(path, data[: len(data) // 3])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    with pytest.raises(OutputError) as raised:
+        executable.save(tmp_path / "out")
+    message = str(raised.value)
+    assert str(tmp_path / "out") in message
+    assert f"needs {len(executable.model_bytes)} bytes" in message
+    assert list(tmp_path.iterdir()) == []
