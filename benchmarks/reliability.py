@@ -55,8 +55,11 @@ def main() -> int:
             args.save_failures.mkdir(parents=True, exist_ok=True)
             name = f"fuzz_{category}_{args.seed}_{index}_{outcome.verdict}{SUFFIX[target]}"
             (args.save_failures / name).write_bytes(data)
-        if (index + 1) % 500 == 0:
-            print(f"  {index + 1} cases, {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        if (index + 1) % 500 == 0:  # with the running tally, so an interrupted campaign still reports
+            running = "; ".join(f"{c} {sum(t.values())} ({t['refused']} refused, {t['ok']} ok, "
+                                f"{sum(v for k, v in t.items() if k not in ('ok', 'refused'))} failed)"
+                                for c, t in tally.items() if t)
+            print(f"  {index + 1} cases, {time.perf_counter() - start:.0f} s: {running}", file=sys.stderr)
     print(f"{'category':16s} {'cases':>7s} {'refused':>8s} {'ok':>6s} {'failures':>9s}  failure kinds")
     failed_total = 0
     for category, counts in tally.items():
