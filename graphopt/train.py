@@ -39,7 +39,7 @@ from torch import nn
 from graphopt.data import assert_not_heldout
 from graphopt.distill import DistillationLoss
 
-__all__ = ["TrainConfig", "TrainHook", "TrainProgress", "TrainResult", "lr_factor", "train"]
+__all__ = ["TrainConfig", "TrainHook", "TrainProgress", "TrainResult", "TrainingOptions", "lr_factor", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +108,42 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"TrainConfig: {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingOptions:
+    """The trainer's options as a training pass exposes them in a recipe (``distill``, ``prune``,
+    ``qat``); a pass's ``Options`` inherits them and may redeclare a field to change its default.
+
+    Attributes: steps, batch_size, lr, warmup_steps (capped at steps), weight_decay, grad_clip,
+    seed, max_length: as `TrainConfig`. dropout: train with the student's dropout on. data:
+    "sentences" (graphopt's train and calibration splits) and `graphopt.data.corpus` sources.
+    """
+
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0
+    max_length: int = 128
+    dropout: bool = False
+    data: tuple[str, ...] = ("sentences", "pydoc")
+
+    def __post_init__(self) -> None:
+        from graphopt.data.corpus import SOURCES
+
+        known = ("sentences", *SOURCES)
+        if not self.data or any(d not in known for d in self.data):
+            raise ValueError(f"data must name some of {list(known)}, got {list(self.data)}")
+
+    def train_config(self, **more: object) -> TrainConfig:
+        """The `TrainConfig` these options describe (``more``: its other fields, e.g. ``eval_every``)."""
+        return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr,
+                           warmup_steps=min(self.warmup_steps, self.steps), weight_decay=self.weight_decay,
+                           grad_clip=self.grad_clip, seed=self.seed, max_length=self.max_length,
+                           train_mode=self.dropout, **more)  # type: ignore[arg-type]
 
 
 class TrainHook(Protocol):

@@ -41,7 +41,7 @@ from graphopt.errors import PreconditionError
 from graphopt.evaluate import heldout_agreement
 from graphopt.pass_base import Pass, PassResult
 from graphopt.program import Program
-from graphopt.train import TrainConfig, TrainProgress, train
+from graphopt.train import TrainConfig, TrainingOptions, TrainProgress, train
 
 __all__ = ["DistillationPass"]
 
@@ -51,7 +51,7 @@ _DATA = ("sentences", *SOURCES)
 
 
 @dataclasses.dataclass(frozen=True)
-class DistillOptions:
+class DistillOptions(TrainingOptions):
     """Args: teacher: "kept" (program.teacher) or a registered model name. steps, batch_size, lr,
     warmup_steps (at most steps), weight_decay, grad_clip, seed, max_length, eval_every, early_stopping_patience
     (0: off): the trainer's (`TrainConfig`). soft_label, hidden, attention, output: loss weights
@@ -65,13 +65,9 @@ class DistillOptions:
 
     teacher: str = "kept"
     steps: int = 500
-    batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 50
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    seed: int = 0
-    max_length: int = 128
+    data: tuple[str, ...] = _DATA
     eval_every: int = 0
     early_stopping_patience: int = 0
     soft_label: float = 0.0
@@ -84,26 +80,19 @@ class DistillOptions:
     output: float = 0.0
     output_metric: Literal["mse", "cosine"] = "cosine"
     layer_map: tuple[int, ...] = ()
-    data: tuple[str, ...] = _DATA
-    dropout: bool = False
     evaluate: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.temperature <= 0 or self.similarity_temperature <= 0:
             raise ValueError("temperature and similarity_temperature must be positive")
         if not any(w > 0 for w in (self.soft_label, self.hidden, self.attention, self.output)):
             raise ValueError("at least one of soft_label, hidden, attention, output must be > 0")
-        unknown = [d for d in self.data if d not in _DATA]
-        if unknown or not self.data:
-            raise ValueError(f"data must name some of {list(_DATA)}, got {list(self.data)}")
         self.train_config()  # TrainConfig validates the rest
 
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr,
-                           warmup_steps=min(self.warmup_steps, self.steps), weight_decay=self.weight_decay,
-                           grad_clip=self.grad_clip, seed=self.seed, max_length=self.max_length,
-                           eval_every=self.eval_every, train_mode=self.dropout,
-                           early_stopping_patience=self.early_stopping_patience or None)
+    def train_config(self, **more: object) -> TrainConfig:
+        return super().train_config(eval_every=self.eval_every,
+                                    early_stopping_patience=self.early_stopping_patience or None, **more)
 
     def loss(self) -> DistillationLoss:
         return DistillationLoss([

@@ -31,25 +31,30 @@ import numpy as np
 from torch import nn
 
 from graphopt.data import load_sentences
-from graphopt.data.corpus import SOURCES, corpus_digest, load_training_data
-from graphopt.distill import (AttentionLoss, DistillationLoss, HiddenStateLoss, OutputLoss, SoftLabelLoss,
-                              keep_teacher)
+from graphopt.data.corpus import corpus_digest, load_training_data
+from graphopt.distill import (
+    AttentionLoss,
+    DistillationLoss,
+    HiddenStateLoss,
+    OutputLoss,
+    SoftLabelLoss,
+    keep_teacher,
+)
 from graphopt.errors import PassError, PreconditionError
 from graphopt.evaluate import embed, heldout_agreement, module_embedder
 from graphopt.pass_base import Pass, PassResult
 from graphopt.program import Program
 from graphopt.sparsity import SPARSITY_KEY, Pattern, PruningHook, mask_sparsity, pruning_schedule
-from graphopt.train import TrainConfig, TrainProgress, train
+from graphopt.train import TrainingOptions, TrainProgress, train
 
 __all__ = ["MagnitudePruningPass"]
 
 logger = logging.getLogger(__name__)
 
-_DATA = ("sentences", *SOURCES)
 
 
 @dataclasses.dataclass(frozen=True)
-class PruneOptions:
+class PruneOptions(TrainingOptions):
     """Args: sparsity: final fraction removed (an N:M pattern needs exactly 1 − N/M). pattern:
     "unstructured", a block "RxC" ("1x8", "4x4", "16x1") or "N:M" ("2:4"). scope: "layer" or
     "global" (one threshold over all selected layers). layers, exclude: fnmatch globs over
@@ -74,19 +79,16 @@ class PruneOptions:
     lr: float = 5e-4
     warmup_steps: int = 0
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    seed: int = 0
     max_length: int = 32
-    dropout: bool = False
     soft_label: float = 1.0
     hidden: float = 0.2
     attention: float = 0.0
     output: float = 5.0
     temperature: float = 1.0
-    data: tuple[str, ...] = ("sentences", "pydoc")
     evaluate: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         pattern = Pattern.parse(self.pattern)  # raises ValueError naming the accepted forms
         checks = [
             (0.0 <= self.sparsity < 1.0, f"sparsity must be in [0, 1), got {self.sparsity}"),
@@ -100,7 +102,6 @@ class PruneOptions:
             (self.prune_every >= 1, f"prune_every must be >= 1, got {self.prune_every}"),
             (0.0 <= self.prune_until <= 1.0, f"prune_until must be in [0, 1], got {self.prune_until}"),
             (bool(self.layers), "layers needs at least one glob (\"*\" for every nn.Linear)"),
-            (bool(self.data) and all(d in _DATA for d in self.data), f"data must name some of {list(_DATA)}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -108,12 +109,6 @@ class PruneOptions:
         if self.steps:
             self.train_config()  # TrainConfig validates lr, batch size, warm-up, ...
             self.loss()
-
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr,
-                           warmup_steps=min(self.warmup_steps, self.steps), weight_decay=self.weight_decay,
-                           grad_clip=self.grad_clip, seed=self.seed, max_length=self.max_length,
-                           train_mode=self.dropout)
 
     def loss(self) -> DistillationLoss:
         return DistillationLoss([SoftLabelLoss(self.soft_label, self.temperature), HiddenStateLoss(self.hidden),

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from graphopt.data.corpus import SOURCES, corpus_digest, load_training_data
+from graphopt.data.corpus import corpus_digest, load_training_data
 from graphopt.distill import (
     DistillationLoss,
     HiddenStateLoss,
@@ -46,17 +46,16 @@ from graphopt.pass_base import Pass, PassResult
 from graphopt.program import Program
 from graphopt.quantization import QuantSpec, get_specs, set_spec, swap_fake_quant
 from graphopt.quantization.qat import QatObserverHook, swap_qat, unswap_qat
-from graphopt.train import TrainConfig, TrainProgress, train
+from graphopt.train import TrainingOptions, TrainProgress, train
 
 __all__ = ["QuantAwareTrainingPass"]
 
 logger = logging.getLogger(__name__)
 
-_DATA = ("sentences", *SOURCES)
 
 
 @dataclasses.dataclass(frozen=True)
-class QatOptions:
+class QatOptions(TrainingOptions):
     """Args: steps, batch_size, lr, warmup_steps, weight_decay, grad_clip, seed, max_length,
     dropout: the trainer's. learn_scales: LSQ scales for weights and static inputs;
     scale_lr: their learning rate as a multiple of lr. observe_steps: static inputs follow a
@@ -70,10 +69,7 @@ class QatOptions:
     lr: float = 2e-5
     warmup_steps: int = 30
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    seed: int = 0
     max_length: int = 64
-    dropout: bool = False
     learn_scales: bool = True
     scale_lr: float = 10.0
     observe_steps: int = 0
@@ -81,24 +77,16 @@ class QatOptions:
     hidden: float = 1.0
     output: float = 1.0
     temperature: float = 1.0
-    data: tuple[str, ...] = ("sentences", "pydoc")
     evaluate: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.scale_lr <= 0:
             raise ValueError(f"scale_lr must be positive, got {self.scale_lr}")
         if not 0 <= self.observe_steps <= self.steps:
             raise ValueError(f"observe_steps must be in [0, steps={self.steps}], got {self.observe_steps}")
-        if not self.data or any(d not in _DATA for d in self.data):
-            raise ValueError(f"data must name some of {list(_DATA)}, got {list(self.data)}")
         self.train_config()  # TrainConfig validates the rest
         self.loss()
-
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr,
-                           warmup_steps=min(self.warmup_steps, self.steps), weight_decay=self.weight_decay,
-                           grad_clip=self.grad_clip, seed=self.seed, max_length=self.max_length,
-                           train_mode=self.dropout)
 
     def loss(self) -> DistillationLoss:
         return DistillationLoss([SoftLabelLoss(self.soft_label, self.temperature), HiddenStateLoss(self.hidden),
