@@ -140,7 +140,10 @@ def synthesize_inputs(model: ir.Model, *, batch: int = _EXAMPLE_DIMS["batch"],
             continue
         shape = [d if isinstance(d, int) else (batch if i == 0 else sequence)
                  for i, d in enumerate(value.shape or [])]
-        if any(d < 0 for d in shape) or int(np.prod(shape, dtype=np.float64)) > MAX_EXAMPLE_ELEMENTS:
+        # Each dimension is capped as well as the product: a zero dimension makes the product 0,
+        # and numpy refuses (ValueError) a shape like [2**31, 0, 2**31] that torch accepts (fuzzing found it).
+        if (any(d < 0 for d in shape) or max(shape, default=0) > MAX_EXAMPLE_ELEMENTS
+                or int(np.prod(shape, dtype=np.float64)) > MAX_EXAMPLE_ELEMENTS):
             raise FormatError(f"graph input {value.name!r} declares shape {shape}: negative or over "
                               f"{MAX_EXAMPLE_ELEMENTS} elements; graphopt cannot make example inputs for it")
         dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)

@@ -28,3 +28,4 @@ def test_corpus_is_refused_cleanly() -> None:
     assert by_name["pickled_weight_payload.pt2"].verdict == "refused"
     assert "posix.system" in by_name["pickled_weight_payload.pt2"].detail
     assert by_name["huge_input_dim.onnx"].verdict == "refused"
+    assert by_name["zero_dim_between_huge_dims.onnx"].verdict == "refused"  # fuzz campaign, seed 3, case 2524
