@@ -17,6 +17,17 @@ from graphopt.program import Program
 torch.set_num_threads(2)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: tiny tensors run faster on one, and on a loaded 2-core
+    machine two threads ran tiny training steps up to 20x slower (measured: 1.6 s against 0.07 s).
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_bundle() -> ModelBundle:
     """A random 64-wide, 2-layer encoder with the real tokenizer (ids modulo 1000)."""

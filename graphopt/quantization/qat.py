@@ -38,7 +38,6 @@ from graphopt.quantization.spec import (
     QuantSpec,
     TensorQuant,
     broadcast_params,
-    fake_quantize,
     qparams,
 )
 
@@ -80,8 +79,7 @@ class _LearnedQuant(nn.Module):
         return self.log_scale.exp().reshape(self.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.log_scale.requires_grad:  # fixed scales: torch's own fake-quant kernels
-            return fake_quantize(x, self.current())
+        # One path for fixed and learned scales: a fixed log-scale simply gets no gradient.
         scale, zero = broadcast_params(self.scale(), self.zero.reshape(self.shape), self.tq, x.shape)
         return lsq_fake_quantize(x, scale, zero, self.tq.qmin, self.tq.qmax)
 

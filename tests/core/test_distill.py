@@ -31,14 +31,7 @@ from graphopt.distill import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on this shared 2-core machine, 2 threads ran training steps 20x slower
-    (measured: 1.6 s against 0.07 s per tiny step while other jobs ran)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _kl(p: list[float], q: list[float]) -> float:

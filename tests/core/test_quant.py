@@ -14,13 +14,7 @@ from graphopt.quantization import (OBSERVERS, QuantSpec, TensorQuant, block_para
 from graphopt.quantization.onnx_ops import pack_nbits, unsigned_codes
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are small: one intra-op thread is faster, and ten times faster on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 U8 = TensorQuant(8, False, "asymmetric", "per-tensor")
 S8_CHANNEL = TensorQuant(8, True, "symmetric", "per-channel", axis=0)

@@ -17,12 +17,7 @@ from graphopt.program import Program
 from graphopt.testing import assert_rewrite
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 threads ran 20x slower on the shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _shrink(**options: object) -> graphopt.Pass:

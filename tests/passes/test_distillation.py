@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 import graphopt
 from graphopt import registry
@@ -11,12 +10,7 @@ from graphopt.errors import PreconditionError
 from graphopt.program import Program
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 threads ran 20x slower on the shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_distill_after_depth_shrink_moves_towards_the_teacher(tiny_program: Program) -> None:

@@ -11,13 +11,7 @@ from graphopt.quantization import dequantize, get_specs, quantize
 from graphopt.testing import assert_rewrite
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are small: one intra-op thread is faster, and ten times faster on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def calibrated(program, **options):

@@ -21,13 +21,7 @@ from graphopt.quantization import get_specs, swap_fake_quant
 from graphopt.testing import assert_rewrite
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are small: one intra-op thread is faster, and ten times faster on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ort_runs(program: Program, tmp_path, name: str = "optimized.onnx") -> collections.Counter[str]:
