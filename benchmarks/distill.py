@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch and ORT intra-op threads")
     parser.add_argument("--rounds", type=int, default=30, help="timed ONNX Runtime rounds per model")
     parser.add_argument("--no-speed", action="store_true", help="skip the ONNX Runtime speed comparison")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a distill option of the recipe, value in TOML syntax "
+                             "(e.g. --set 'data=[\"sentences\", \"pydoc\", \"docstrings\"]' --set lr=5e-4)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -116,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps is not None:
         distill_options.update(steps=args.steps, warmup_steps=min(distill_options.get("warmup_steps", 100),
                                                                   args.steps // 10))
+    distill_options.update(_overrides(args.set))
     program = graphopt.trace(registry.models.get("minilm")())
     shrunk = registry.passes.get("depth-shrink")(**options["depth-shrink"])(program.clone()).program
     rows, students = [], {}
@@ -140,6 +144,19 @@ def main(argv: list[str] | None = None) -> int:
                        "machine": machine_info(), "threads": args.threads, "versions": versions()},
                       handle, indent=1)
     return 0
+
+
+def _overrides(assignments: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings (VALUE in TOML syntax, as in a recipe) as a dict."""
+    import tomllib
+
+    overrides: dict[str, Any] = {}
+    for assignment in assignments:
+        key, sep, value = assignment.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {assignment!r}")
+        overrides.update(tomllib.loads(f"{key.strip()} = {value}"))
+    return overrides
 
 
 def _print(rows: list[dict[str, Any]], speed: list[dict[str, Any]]) -> None:

@@ -2,7 +2,7 @@
 
 ``table``: for each of MiniLM's Linear shapes (out×in 384×384, 1536×384, 384×1536) and rows
 (batch × sequence: 1, 16, 128), the time of dense ``F.linear`` (fp32) and of graphopt's
-``csr_linear`` / ``bsr_linear`` (blocks 1×4, 1×8, 4×4, 16×1), fp32 and int8 values, at stored
+``csr_linear`` / ``sell_linear`` / ``bsr_linear`` (blocks 1×4, 1×8, 4×4, 16×1), fp32 and int8 values, at stored
 densities 0.05 … 0.5 (of entries for CSR, of blocks for BSR). All candidates of one shape and
 rows are timed *interleaved*, round by round, so the load of a shared machine falls on all
 alike; figures are medians over rounds of samples that last about 1 ms. ``--write`` writes the
@@ -81,7 +81,7 @@ def _weight(out: int, inp: int, block: tuple[int, int], density: float, gen: tor
 
 def table(args: argparse.Namespace) -> dict:
     from graphopt.backends.cpp.build import load_extension
-    from graphopt.backends.cpp.ops import pack_bsr, pack_csr, sparse_linear
+    from graphopt.backends.cpp.ops import pack_weight, sparse_linear
     from graphopt.bench import machine_info
     from graphopt.report import versions
 
@@ -95,10 +95,11 @@ def table(args: argparse.Namespace) -> dict:
         for density in DENSITIES:
             for block in ((1, 1), *BLOCKS):
                 w = _weight(out, inp, block, density, gen)
+                layouts = (("csr", None), ("sell", None)) if block == (1, 1) else (("bsr", block),)
                 for dtype in (torch.float32, torch.int8):
-                    fmt = "csr" if block == (1, 1) else "bsr"
-                    p = pack_csr(w, dtype) if fmt == "csr" else pack_bsr(w, block, dtype)
-                    packed[(fmt, None if fmt == "csr" else block, "int8" if dtype == torch.int8 else "fp32", density)] = p
+                    for fmt, blk in layouts:
+                        dname = "int8" if dtype == torch.int8 else "fp32"
+                        packed[(fmt, blk, dname, density)] = pack_weight(w, fmt, blk, dtype)
         for rows in ROWS:
             x = torch.randn(rows, inp, generator=gen)
             fns: dict = {("dense", None, "fp32", 1.0): lambda x=x: F.linear(x, dense_w, bias)}
@@ -114,9 +115,9 @@ def table(args: argparse.Namespace) -> dict:
             print(f"{out:>5}x{inp:<5} rows={rows:<4} dense {ms[('dense', None, 'fp32', 1.0)]:.4f} ms; fastest "
                   f"sparse {best[1]} {best[0]:.4f} ms", flush=True)
     result = {"schema": 1,
-              "what": "ms of y = x @ W.T + b: dense F.linear (fp32) and graphopt's csr_linear / bsr_linear (fp32 and "
-                      "int8 values), out×in, rows = batch × sequence, density = stored fraction (entries for CSR, "
-                      "blocks for BSR)",
+              "what": "ms of y = x @ W.T + b: dense F.linear (fp32) and graphopt's csr_linear / sell_linear / "
+                      "bsr_linear (fp32 and int8 values), out×in, rows = batch × sequence, density = stored "
+                      "fraction (entries for CSR and SELL, blocks for BSR)",
               "command": "python benchmarks/prune.py table --write",
               "settings": {"threads": args.threads, "rounds": args.rounds,
                            "statistic": f"median of {args.rounds} interleaved rounds of ~1 ms samples of the "

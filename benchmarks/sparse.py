@@ -3,8 +3,9 @@
 Measures y = x @ W.T + b for Transformer-sized W, in one process, with
 ``torch.set_num_threads(--threads)`` (2 by default), medians over repeated runs after warm-up:
 
-* ours: ``graphopt::csr_linear`` (fp32), ``csr_linear_int8`` (int8 values, per-row scales),
-  and ``bsr_linear`` on block-sparse patterns;
+* ours: the faster of ``graphopt::csr_linear`` and ``sell_linear`` (fp32) on unstructured
+  patterns, ``bsr_linear`` on block-sparse ones (column ``fmt``), and the same layout with int8
+  values and per-row scales;
 * best dense: the faster of ``F.linear`` (MKL) and a ``torch.utils.mkldnn`` Linear (oneDNN),
   both on the dense weight that has the zeros in it;
 * ``torch.sparse`` CSR (``torch.addmm`` with a CSR weight) and scipy CSR (single-threaded).
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from graphopt.backends.cpp import build
-from graphopt.backends.cpp.ops import BsrWeight, CsrWeight, pack_bsr, pack_csr, sparse_linear
+from graphopt.backends.cpp.ops import BsrWeight, CsrWeight, SellWeight, pack_weight, sparse_linear
 from torch.utils import mkldnn as mkldnn_utils
 
 try:
@@ -100,7 +101,7 @@ def make_weight(
     return w * mask
 
 
-def kernel_bytes(packed: CsrWeight | BsrWeight, batch: int) -> int:
+def kernel_bytes(packed: CsrWeight | BsrWeight | SellWeight, batch: int) -> int:
     n = packed.nbytes - (packed.scales.numel() * 4 if packed.scales is not None else 0)
     return n + batch * packed.shape[1] * 4
 
@@ -129,17 +130,21 @@ def run_case(
         xn = x.numpy().T.copy()
         bn = b.numpy()[:, None]
         t_scipy = timeit(lambda: wsp @ xn + bn, budget)
+    # Ours: the faster of our layouts for the pattern (CSR or SELL-8 for unstructured).
     if case.pattern == "unstructured":
-        ours = pack_csr(w)
-        ours8 = pack_csr(w, torch.int8)
+        layouts: list[tuple[str, tuple[int, int] | None]] = [("csr", None), ("sell", None)]
     else:
-        r, c = (int(v) for v in case.pattern.split("x"))
-        ours = pack_bsr(w, (r, c))
-        ours8 = pack_bsr(w, (r, c), torch.int8)
-    ref = F.linear(x, ours.to_dense(), b)
-    y = sparse_linear(x, ours, b)
-    assert torch.allclose(y, ref, rtol=1e-4, atol=1e-4), "kernel disagrees with dense reference"
-    t_ours = timeit(lambda: sparse_linear(x, ours, b), budget)
+        layouts = [("bsr", tuple(int(v) for v in case.pattern.split("x")))]  # type: ignore[list-item]
+    timed = {}
+    for layout, block in layouts:
+        packed = pack_weight(w, layout, block)
+        ref = F.linear(x, packed.to_dense(), b)
+        y = sparse_linear(x, packed, b)
+        assert torch.allclose(y, ref, rtol=1e-4, atol=1e-4), f"{layout} kernel disagrees with dense reference"
+        timed[layout] = (timeit(lambda packed=packed: sparse_linear(x, packed, b), budget), packed, block)
+    layout = min(timed, key=lambda k: timed[k][0])
+    t_ours, ours, block = timed[layout]
+    ours8 = pack_weight(w, layout, block, torch.int8)
     t_ours8 = timeit(lambda: sparse_linear(x, ours8, b), budget)
     nbytes = kernel_bytes(ours, case.batch)
     level = "L2" if nbytes <= 512 * 1024 else ("L3" if nbytes <= 24 * 2**20 else "DRAM")
@@ -148,6 +153,7 @@ def run_case(
         "t_dense": dense_best,
         "dense_by": "mkl" if t_mkl <= t_onednn else "onednn",
         "t_ours": t_ours,
+        "layout": layout,
         "t_ours8": t_ours8,
         "vs_dense": dense_best / t_ours,
         "vs_dense8": dense_best / t_ours8,
@@ -217,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
 
 HEADER = (
     f"{'shape':>10} {'pattern':>12} {'sp%':>4} {'batch':>5} | {'dense us':>9} {'by':>6} | "
-    f"{'ours us':>9} {'xDense':>6} {'xTorchCSR':>9} {'xScipy':>6} | "
+    f"{'ours us':>9} {'fmt':>4} {'xDense':>6} {'xTorchCSR':>9} {'xScipy':>6} | "
     f"{'int8 us':>9} {'xDense':>6} | {'GB/s':>6} {'lvl':>4} {'frac':>5}"
 )
 
@@ -228,7 +234,7 @@ def format_row(case: Case, r: dict[str, object]) -> str:
     return (
         f"{case.out:>4}x{case.inp:<5} {case.pattern:>12} {case.sparsity * 100:>4.0f} "
         f"{case.batch:>5} | {us['t_dense']:>9.1f} {r['dense_by']:>6} | "
-        f"{us['t_ours']:>9.1f} {r['vs_dense']:>6.2f} {r['vs_torch_csr']:>9.2f} "
+        f"{us['t_ours']:>9.1f} {r['layout']:>4} {r['vs_dense']:>6.2f} {r['vs_torch_csr']:>9.2f} "
         f"{r['vs_scipy']:>6.2f} | {us['t_ours8']:>9.1f} {r['vs_dense8']:>6.2f} | "
         f"{r['gbps']:>6.1f} {r['level']:>4} {r['bw_frac']:>5.2f}"
     )

@@ -4,7 +4,7 @@ Takes a Program of kind ``module``. Each ``nn.Linear`` that ``prune`` annotated
 (``annotations[name]["sparsity"]``) is lowered to the kernel format that measured fastest for
 its shape and mask at ``rows`` = batch × sequence, read from the timing table
 (``graphopt.sparsity.KernelTable``, shipped as ``graphopt/data/sparse_kernel_times.json``):
-CSR or a BSR block shape, with fp32 values or (``int8=True``) int8 values and one fp32 scale
+CSR, SELL-8 (batch-1 gathers) or a BSR block shape, with fp32 values or (``int8=True``) int8 values and one fp32 scale
 per output row. Where no sparse format beats dense by the table's ``margin``, the layer stays a
 dense ``nn.Linear``. The choice reads measured times, never times anything, so the same
 program gives the same lowering. Other layers are left as they are.
@@ -25,7 +25,7 @@ import collections
 import copy
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ from graphopt.program import Program, flatten_outputs
 from graphopt.sparsity import SPARSITY_KEY, KernelChoice, KernelTable
 
 from .build import load_extension
-from .ops import BsrWeight, CsrWeight, pack_bsr, pack_csr
+from .ops import BsrWeight, CsrWeight, SellWeight, pack_weight
 
 __all__ = ["CppBackend", "CppExecutable", "SparseLinear", "load_cpp", "lower_sparse_linears"]
 
@@ -45,35 +45,37 @@ logger = logging.getLogger(__name__)
 
 
 class SparseLinear(nn.Module):
-    """``y = x @ W.T + b`` with ``W`` packed for ``graphopt::{csr,bsr}_linear[_int8]``.
+    """``y = x @ W.T + b`` with ``W`` packed for ``graphopt::{csr,bsr,sell}_linear[_int8]``.
 
     The packed tensors are buffers, so ``torch.export`` saves them with the program.
     """
 
-    def __init__(self, packed: CsrWeight | BsrWeight, bias: torch.Tensor | None) -> None:
+    #: The packed tensors each layout's op takes, in schema order (before scales and bias).
+    FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "csr": ("row_ptr", "col_idx", "values"),
+        "bsr": ("row_ptr", "col_idx", "values"),
+        "sell": ("slice_ptr", "row_order", "col_idx", "values"),
+    }
+
+    def __init__(self, packed: CsrWeight | BsrWeight | SellWeight, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = packed.shape
-        self.layout = "csr" if isinstance(packed, CsrWeight) else "bsr"
+        self.layout = {CsrWeight: "csr", BsrWeight: "bsr", SellWeight: "sell"}[type(packed)]
         self.int8 = packed.scales is not None
-        self.register_buffer("row_ptr", packed.row_ptr)
-        self.register_buffer("col_idx", packed.col_idx)
-        self.register_buffer("values", packed.values)
+        for field in self.FIELDS[self.layout]:
+            self.register_buffer(field, getattr(packed, field))
         self.register_buffer("scales", packed.scales if self.int8 else torch.ones(0))
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ops = torch.ops.graphopt
-        args = (x, self.row_ptr, self.col_idx, self.values)
-        if self.layout == "csr":
-            if self.int8:
-                return ops.csr_linear_int8.default(*args, self.scales, self.bias, self.out_features)
-            return ops.csr_linear.default(*args, self.bias, self.out_features)
+        op = getattr(torch.ops.graphopt, f"{self.layout}_linear{'_int8' if self.int8 else ''}").default
+        packed = [getattr(self, field) for field in self.FIELDS[self.layout]]
         if self.int8:
-            return ops.bsr_linear_int8.default(*args, self.scales, self.bias, self.out_features)
-        return ops.bsr_linear.default(*args, self.bias, self.out_features)
+            packed.append(self.scales)
+        return op(x, *packed, self.bias, self.out_features)
 
     def extra_repr(self) -> str:
-        block = "" if self.layout == "csr" else f", block={tuple(self.values.shape[1:])}"
+        block = f", block={tuple(self.values.shape[1:])}" if self.layout == "bsr" else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, {self.layout}{block}, "
                 f"{'int8' if self.int8 else 'fp32'}, nnz={self.values.numel()}")
 
@@ -108,7 +110,7 @@ def lower_sparse_linears(module: nn.Module, annotations: dict[str, dict[str, Any
             continue
         dtype = torch.int8 if choice.int8 else torch.float32
         masked = weight * mask  # pruned entries are exactly zero, so packing keeps the mask's pattern
-        packed = pack_csr(masked, dtype) if choice.format == "csr" else pack_bsr(masked, choice.block or (1, 1), dtype)
+        packed = pack_weight(masked, choice.format, choice.block, dtype)
         parent, _, child = name.rpartition(".")
         setattr(module.get_submodule(parent) if parent else module, child, SparseLinear(packed, linear.bias))
     if isinstance(module, torch.fx.GraphModule):

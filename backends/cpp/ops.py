@@ -10,7 +10,7 @@ The kernels are hand-written (see ``sparse_common.h``): no maintained library do
 weight x dense activation fast on CPU at Transformer shapes. All ops compute
 ``y = x @ W.T + b`` for a sparse ``W [out_features, in_features]``, with ``x [..., in]``
 of any leading dims, float32, on the CPU. Weight layouts are described in ``packing.py``;
-pack with :func:`pack_csr` / :func:`pack_bsr`.
+pack with :func:`pack_csr` / :func:`pack_bsr` / :func:`pack_sell`.
 
 Schemas::
 
@@ -22,6 +22,10 @@ Schemas::
                          Tensor? bias, int out_features) -> Tensor
     graphopt::bsr_linear_int8(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values,
                               Tensor scales, Tensor? bias, int out_features) -> Tensor
+    graphopt::sell_linear(Tensor x, Tensor slice_ptr, Tensor row_order, Tensor col_idx,
+                          Tensor values, Tensor? bias, int out_features) -> Tensor
+    graphopt::sell_linear_int8(Tensor x, Tensor slice_ptr, Tensor row_order, Tensor col_idx,
+                               Tensor values, Tensor scales, Tensor? bias, int out_features) -> Tensor
 """
 
 from __future__ import annotations
@@ -31,18 +35,23 @@ import logging
 import torch
 from torch import Tensor
 
-from .packing import BsrWeight, CsrWeight, pack_bsr, pack_csr
+from .packing import BsrWeight, CsrWeight, SellWeight, pack_bsr, pack_csr, pack_sell, pack_weight
 
 __all__ = [
     "OP_SCHEMAS",
     "BsrWeight",
     "CsrWeight",
+    "SellWeight",
     "bsr_linear",
     "bsr_linear_int8",
     "csr_linear",
     "csr_linear_int8",
     "pack_bsr",
     "pack_csr",
+    "pack_sell",
+    "pack_weight",
+    "sell_linear",
+    "sell_linear_int8",
     "sparse_linear",
 ]
 
@@ -64,6 +73,14 @@ OP_SCHEMAS: dict[str, str] = {
     ),
     "bsr_linear_int8": (
         "bsr_linear_int8(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, "
+        "Tensor scales, Tensor? bias, int out_features) -> Tensor"
+    ),
+    "sell_linear": (
+        "sell_linear(Tensor x, Tensor slice_ptr, Tensor row_order, Tensor col_idx, Tensor values, "
+        "Tensor? bias, int out_features) -> Tensor"
+    ),
+    "sell_linear_int8": (
+        "sell_linear_int8(Tensor x, Tensor slice_ptr, Tensor row_order, Tensor col_idx, Tensor values, "
         "Tensor scales, Tensor? bias, int out_features) -> Tensor"
     ),
 }
@@ -138,6 +155,37 @@ def _bsr_linear_int8_fake(
 ) -> Tensor:
     _fake_check(x, out_features)
     torch._check(values.dim() == 3, lambda: "values must be [n_blocks, R, C]")
+    return _fake_out(x, out_features)
+
+
+@torch.library.register_fake("graphopt::sell_linear", lib=_LIB)
+def _sell_linear_fake(
+    x: Tensor,
+    slice_ptr: Tensor,
+    row_order: Tensor,
+    col_idx: Tensor,
+    values: Tensor,
+    bias: Tensor | None,
+    out_features: int,
+) -> Tensor:
+    _fake_check(x, out_features)
+    torch._check(values.dim() == 2, lambda: "values must be [entries, 8]")
+    return _fake_out(x, out_features)
+
+
+@torch.library.register_fake("graphopt::sell_linear_int8", lib=_LIB)
+def _sell_linear_int8_fake(
+    x: Tensor,
+    slice_ptr: Tensor,
+    row_order: Tensor,
+    col_idx: Tensor,
+    values: Tensor,
+    scales: Tensor,
+    bias: Tensor | None,
+    out_features: int,
+) -> Tensor:
+    _fake_check(x, out_features)
+    torch._check(values.dim() == 2, lambda: "values must be [entries, 8]")
     return _fake_out(x, out_features)
 
 
@@ -244,12 +292,61 @@ def bsr_linear_int8(
     )
 
 
-def sparse_linear(x: Tensor, weight: CsrWeight | BsrWeight, bias: Tensor | None = None) -> Tensor:
+def sell_linear(
+    x: Tensor,
+    slice_ptr: Tensor,
+    row_order: Tensor,
+    col_idx: Tensor,
+    values: Tensor,
+    bias: Tensor | None,
+    out_features: int,
+) -> Tensor:
+    """``y = x @ W.T + bias`` with ``W`` in SELL-8 form (see :func:`pack_sell`), float32 values.
+
+    Args:
+        x: float32 ``[..., in_features]``.
+        slice_ptr: int32 ``[ceil(out_features / 8) + 1]``, in entries.
+        row_order: int32 ``[8 * ceil(out_features / 8)]``, the output row of each slice lane
+            (-1 for padding lanes).
+        col_idx: int16 or int32 ``[entries, 8]``.
+        values: float32 ``[entries, 8]``.
+        bias: float32 ``[out_features]`` or None.
+        out_features: rows of ``W``.
+
+    Returns:
+        float32 ``[..., out_features]``.
+    """
+    _ensure_kernels(x)
+    return torch.ops.graphopt.sell_linear.default(
+        x, slice_ptr, row_order, col_idx, values, bias, out_features
+    )
+
+
+def sell_linear_int8(
+    x: Tensor,
+    slice_ptr: Tensor,
+    row_order: Tensor,
+    col_idx: Tensor,
+    values: Tensor,
+    scales: Tensor,
+    bias: Tensor | None,
+    out_features: int,
+) -> Tensor:
+    """Like :func:`sell_linear` with int8 ``values`` and float32 per-row ``scales [out]``."""
+    _ensure_kernels(x)
+    return torch.ops.graphopt.sell_linear_int8.default(
+        x, slice_ptr, row_order, col_idx, values, scales, bias, out_features
+    )
+
+
+def sparse_linear(
+    x: Tensor, weight: CsrWeight | BsrWeight | SellWeight, bias: Tensor | None = None
+) -> Tensor:
     """``y = x @ W.T + bias`` for a packed weight, choosing the op from its layout and dtype.
 
     Args:
         x: float32 ``[..., in_features]``.
-        weight: the output of :func:`pack_csr` or :func:`pack_bsr`.
+        weight: the output of :func:`pack_csr`, :func:`pack_bsr` or :func:`pack_sell`.
         bias: float32 ``[out_features]`` or None.
 
     Returns:
@@ -261,6 +358,11 @@ def sparse_linear(x: Tensor, weight: CsrWeight | BsrWeight, bias: Tensor | None 
         y = sparse_linear(x, packed, linear.bias)
     """
     out = weight.shape[0]
+    if isinstance(weight, SellWeight):
+        sell = (x, weight.slice_ptr, weight.row_order, weight.col_idx, weight.values)
+        if weight.scales is None:
+            return sell_linear(*sell, bias, out)
+        return sell_linear_int8(*sell, weight.scales, bias, out)
     args = (x, weight.row_ptr, weight.col_idx, weight.values)
     if isinstance(weight, CsrWeight):
         if weight.scales is None:
@@ -270,4 +372,4 @@ def sparse_linear(x: Tensor, weight: CsrWeight | BsrWeight, bias: Tensor | None 
         if weight.scales is None:
             return bsr_linear(*args, bias, out)
         return bsr_linear_int8(*args, weight.scales, bias, out)
-    raise TypeError(f"weight must be a CsrWeight or BsrWeight, got {type(weight).__name__}")
+    raise TypeError(f"weight must be a CsrWeight, BsrWeight or SellWeight, got {type(weight).__name__}")

@@ -16,6 +16,7 @@
 #include <cstring>
 #include <memory>
 #include <new>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -37,11 +38,12 @@ struct SparseProblem {
   const void* values;      // float or int8 [nnz] / [n_blocks, R, C]
   const float* scales;     // [out] per-row dequantisation scales, or nullptr
   const float* bias;       // [out] or nullptr
+  const int32_t* row_order = nullptr;  // SELL: output row of each slice lane, -1 = padding
   int64_t m;               // batch rows (all leading dims of x flattened)
   int64_t in;              // in_features
   int64_t out;             // out_features
-  int64_t n_groups;        // CSR: out; BSR: ceil(out / R)
-  int64_t nnz;             // CSR: nonzeros; BSR: stored blocks
+  int64_t n_groups;        // CSR: out; BSR: ceil(out / R); SELL: ceil(out / 8) slices
+  int64_t nnz;             // CSR: nonzeros; BSR: stored blocks; SELL: slice entries (8 values each)
   bool idx16;              // col_idx is int16
   bool val8;               // values are int8 (then scales != nullptr)
 };
@@ -51,10 +53,12 @@ struct SparseProblem {
 struct IndexErrors {
   std::atomic<bool> bad_row_ptr{false};
   std::atomic<bool> bad_col_idx{false};
+  std::atomic<bool> bad_row_order{false};
 };
 
 void csr_forward(const SparseProblem& p, IndexErrors& err);
 void bsr_forward(const SparseProblem& p, int block_r, int block_c, IndexErrors& err);
+void sell_forward(const SparseProblem& p, IndexErrors& err);
 
 namespace detail {
 

@@ -1,4 +1,4 @@
-// CPU implementations of the graphopt::{csr,bsr}_linear{,_int8} ops.
+// CPU implementations of the graphopt::{csr,bsr,sell}_linear{,_int8} ops.
 //
 // The schemas live in backends/cpp/ops.py (torch.library, namespace "graphopt"); this file
 // only implements them with TORCH_LIBRARY_IMPL, because a second TORCH_LIBRARY for one
@@ -29,7 +29,7 @@ struct Prepared {
 Prepared prepare(const char* op, const at::Tensor& x, const at::Tensor& row_ptr,
                  const at::Tensor& col_idx, const at::Tensor& values,
                  const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& bias,
-                 int64_t out_features, int64_t n_groups, int64_t nnz) {
+                 int64_t out_features, int64_t n_groups, int64_t nnz, int64_t lanes = 1) {
   TORCH_CHECK(x.device().is_cpu(), op, ": x must be on the CPU, got ", x.device());
   TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x must be float32, got ", x.scalar_type(),
               "; cast the activations with .float()");
@@ -41,8 +41,10 @@ Prepared prepare(const char* op, const at::Tensor& x, const at::Tensor& row_ptr,
               " entries, expected ", n_groups + 1, " for out_features=", out_features);
   TORCH_CHECK(col_idx.scalar_type() == at::kShort || col_idx.scalar_type() == at::kInt, op,
               ": col_idx must be int16 or int32, got ", col_idx.scalar_type());
-  TORCH_CHECK(col_idx.dim() == 1 && col_idx.is_contiguous() && col_idx.numel() == nnz, op,
-              ": col_idx must be contiguous 1-D with one entry per stored value (", nnz, ")");
+  // lanes > 1 (SELL): col_idx is [nnz, lanes], one index per lane of each stored entry.
+  TORCH_CHECK(col_idx.dim() == (lanes == 1 ? 1 : 2) && col_idx.is_contiguous() &&
+                  col_idx.numel() == nnz * lanes,
+              op, ": col_idx must be contiguous with one entry per stored value (", nnz * lanes, ")");
   TORCH_CHECK(values.is_contiguous(), op, ": values must be contiguous");
   const int32_t* rp = row_ptr.data_ptr<int32_t>();
   TORCH_CHECK(rp[0] == 0 && rp[n_groups] == nnz, op, ": row_ptr must start at 0 and end at ", nnz,
@@ -97,6 +99,8 @@ bool trivial(Prepared& r) {
 }
 
 void raise_errors(const char* op, const IndexErrors& err, int64_t col_limit) {
+  TORCH_CHECK(!err.bad_row_order.load(), op,
+              ": row_order holds a row outside [-1, out_features); the packed weight is corrupt");
   TORCH_CHECK(!err.bad_row_ptr.load(), op,
               ": row_ptr decreases or leaves [0, nnz]; the packed weight is corrupt, pack it again");
   TORCH_CHECK(!err.bad_col_idx.load(), op, ": col_idx holds an index outside [0, ", col_limit,
@@ -132,6 +136,44 @@ at::Tensor bsr_impl(const char* op, const at::Tensor& x, const at::Tensor& row_p
   bsr_forward(r.p, static_cast<int>(R), static_cast<int>(C), err);
   raise_errors(op, err, (r.p.in + C - 1) / C);
   return r.y;
+}
+
+at::Tensor sell_impl(const char* op, const at::Tensor& x, const at::Tensor& slice_ptr,
+                     const at::Tensor& row_order, const at::Tensor& col_idx, const at::Tensor& values,
+                     const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& bias,
+                     int64_t out_features) {
+  TORCH_CHECK(values.dim() == 2 && values.size(1) == 8, op,
+              ": values must be [entries, 8] (pack with pack_sell), got shape ", values.sizes());
+  const int64_t slices = (out_features + 7) / 8;
+  TORCH_CHECK(row_order.scalar_type() == at::kInt && row_order.dim() == 1 && row_order.is_contiguous() &&
+                  row_order.numel() == slices * 8,
+              op, ": row_order must be a contiguous 1-D int32 tensor of ", slices * 8, " entries");
+  Prepared r = prepare(op, x, slice_ptr, col_idx, values, scales, bias, out_features, slices,
+                       values.size(0), 8);
+  r.p.row_order = row_order.data_ptr<int32_t>();
+  if (trivial(r)) return r.y;
+  IndexErrors err;
+  sell_forward(r.p, err);
+  raise_errors(op, err, r.p.in);
+  return r.y;
+}
+
+at::Tensor sell_linear(const at::Tensor& x, const at::Tensor& slice_ptr, const at::Tensor& row_order,
+                       const at::Tensor& col_idx, const at::Tensor& values,
+                       const std::optional<at::Tensor>& bias, int64_t out_features) {
+  const char* op = "graphopt::sell_linear";
+  TORCH_CHECK(values.scalar_type() == at::kFloat, op, ": values must be float32, got ",
+              values.scalar_type(), "; int8 weights go to graphopt::sell_linear_int8");
+  return sell_impl(op, x, slice_ptr, row_order, col_idx, values, std::nullopt, bias, out_features);
+}
+
+at::Tensor sell_linear_int8(const at::Tensor& x, const at::Tensor& slice_ptr, const at::Tensor& row_order,
+                            const at::Tensor& col_idx, const at::Tensor& values, const at::Tensor& scales,
+                            const std::optional<at::Tensor>& bias, int64_t out_features) {
+  const char* op = "graphopt::sell_linear_int8";
+  TORCH_CHECK(values.scalar_type() == at::kChar, op, ": values must be int8, got ",
+              values.scalar_type());
+  return sell_impl(op, x, slice_ptr, row_order, col_idx, values, scales, bias, out_features);
 }
 
 at::Tensor csr_linear(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
@@ -180,4 +222,6 @@ TORCH_LIBRARY_IMPL(graphopt, CPU, m) {
   m.impl("csr_linear_int8", &graphopt::csr_linear_int8);
   m.impl("bsr_linear", &graphopt::bsr_linear);
   m.impl("bsr_linear_int8", &graphopt::bsr_linear_int8);
+  m.impl("sell_linear", &graphopt::sell_linear);
+  m.impl("sell_linear_int8", &graphopt::sell_linear_int8);
 }

@@ -100,3 +100,33 @@ def test_options_are_checked(pruned: Program) -> None:
         graphopt.compile(pruned, backend="cpp", thread=2)
     with pytest.raises(ValueError, match="rows must be >= 1"):
         graphopt.compile(pruned, backend="cpp", rows=0)
+
+
+def test_sell_is_chosen_where_it_measured_fastest(pruned: Program, tmp_path) -> None:
+    """A table in which SELL-8 beats CSR and dense at batch 1: every measured pruned layer gets
+    it, the exported program calls ``sell_linear``, and the outputs (also after a save and
+    load) match the pruned module."""
+    from graphopt.backends.cpp.backend import load_cpp
+
+    entries = []
+    for out, inp in ((64, 64), (128, 64)):
+        entries.append({"out": out, "in": inp, "rows": 1, "format": "dense", "block": None, "dtype": "fp32",
+                        "density": 1.0, "ms": 1.0})
+        for dtype in ("fp32", "int8"):
+            for density, csr_ms, sell_ms in ((0.1, 0.3, 0.1), (0.3, 1.2, 0.4)):
+                for fmt, ms in (("csr", csr_ms), ("sell", sell_ms)):
+                    entries.append({"out": out, "in": inp, "rows": 1, "format": fmt, "block": None,
+                                    "dtype": dtype, "density": density, "ms": ms})
+    table = tmp_path / "times.json"
+    table.write_text(json.dumps({"entries": entries}))
+    executable = graphopt.compile(pruned, backend="cpp", table=str(table), rows=1)
+    assert executable.notes["formats"] == {"sell": 10, "dense": 2}
+    targets = {str(n.target) for n in executable.exported.graph.nodes if n.op == "call_function"}
+    assert "graphopt.sell_linear.default" in targets
+    want = pruned.run()[0]
+    np.testing.assert_allclose(executable(**pruned.example_inputs)[0], want, rtol=0, atol=1e-5)
+    loaded = load_cpp(executable.save(tmp_path / "out"))
+    np.testing.assert_allclose(loaded(**pruned.example_inputs)[0], want, rtol=0, atol=1e-5)
+    int8 = graphopt.compile(pruned, backend="cpp", table=str(table), rows=1, int8=True)
+    assert int8.notes["formats"] == {"sell int8": 10, "dense": 2}
+    assert sqnr_db(int8(**pruned.example_inputs)[0], want) > 30.0

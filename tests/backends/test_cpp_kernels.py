@@ -22,7 +22,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from graphopt.backends.cpp import build, ops
-from graphopt.backends.cpp.ops import BsrWeight, CsrWeight, pack_bsr, pack_csr, sparse_linear
+from graphopt.backends.cpp.ops import (
+    BsrWeight,
+    CsrWeight,
+    SellWeight,
+    pack_bsr,
+    pack_csr,
+    pack_sell,
+    sparse_linear,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -42,7 +50,7 @@ def _weight(out: int, inp: int, density: float, seed: int) -> torch.Tensor:
     return w * (torch.rand(out, inp, generator=g) < density)
 
 
-def _check(x: torch.Tensor, packed: CsrWeight | BsrWeight, bias: torch.Tensor | None) -> None:
+def _check(x: torch.Tensor, packed: CsrWeight | BsrWeight | SellWeight, bias: torch.Tensor | None) -> None:
     y = sparse_linear(x, packed, bias)
     ref = F.linear(x, packed.to_dense(), bias)
     assert y.shape == ref.shape and y.dtype == torch.float32
@@ -74,6 +82,26 @@ def test_csr_matches_dense(kernels, out, inp, density, batch, int8, with_bias, s
 
 
 @settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    out=st.integers(1, 70),
+    inp=st.integers(1, 300),
+    density=st.sampled_from([0.0, 0.03, 0.1, 0.3, 0.7, 1.0]),
+    batch=batch_shapes,
+    int8=st.booleans(),
+    with_bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_sell_matches_dense(kernels, out, inp, density, batch, int8, with_bias, seed) -> None:
+    w = _weight(out, inp, density, seed)
+    w[: out // 3] *= torch.rand(out // 3, inp, generator=torch.Generator().manual_seed(seed)) < 0.5
+    packed = pack_sell(w, torch.int8 if int8 else torch.float32)
+    x = torch.randn(*batch, inp, generator=torch.Generator().manual_seed(seed + 1))
+    _check(x, packed, torch.randn(out) if with_bias else None)
+
+
+@settings(
     max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
@@ -94,7 +122,9 @@ def test_bsr_matches_dense(kernels, out, inp, block, density, batch, int8, with_
 
 
 @pytest.mark.parametrize("batch", [1, 3, 8, 24, 130])
-@pytest.mark.parametrize("layout", ["csr", "csr8", "bsr1x8", "bsr4x4", "bsr16x1", "bsr16x1_8"])
+@pytest.mark.parametrize(
+    "layout", ["csr", "csr8", "bsr1x8", "bsr4x4", "bsr16x1", "bsr16x1_8", "sell", "sell8"]
+)
 def test_large_layers_use_threads_and_match(kernels, batch, layout) -> None:
     # Big enough for the multi-thread path (tests/conftest.py sets 2 threads); 301 rows
     # leave a partial 8-row group, and thread boundaries are rounded to multiples of 8.
@@ -107,6 +137,8 @@ def test_large_layers_use_threads_and_match(kernels, batch, layout) -> None:
         "bsr4x4": lambda: pack_bsr(w, (4, 4)),
         "bsr16x1": lambda: pack_bsr(w, (16, 1)),
         "bsr16x1_8": lambda: pack_bsr(w, (16, 1), torch.int8),
+        "sell": lambda: pack_sell(w),
+        "sell8": lambda: pack_sell(w, torch.int8),
     }[layout]()
     _check(torch.randn(batch, 515), packed, torch.randn(301))
 
@@ -117,6 +149,7 @@ def test_large_layers_use_threads_and_match(kernels, batch, layout) -> None:
         (pack_csr, torch.int32),
         (lambda w: pack_bsr(w, (1, 1)), torch.int32),  # 40000 block columns: generic path
         (lambda w: pack_bsr(w, (4, 4)), torch.int16),  # 10000 block columns
+        (pack_sell, torch.int32),
     ],
 )
 def test_wide_input_uses_int32_indices(kernels, pack, index_dtype) -> None:
@@ -134,7 +167,7 @@ def test_index_dtype_boundary() -> None:
 
 
 @pytest.mark.parametrize("fill", ["zeros", "ones", "one_row"])
-@pytest.mark.parametrize("layout", ["csr", "csr8", "bsr"])
+@pytest.mark.parametrize("layout", ["csr", "csr8", "bsr", "sell", "sell8"])
 def test_all_zero_and_dense_weights(kernels, fill, layout) -> None:
     w = {"zeros": torch.zeros(13, 29), "ones": torch.randn(13, 29), "one_row": torch.zeros(13, 29)}[
         fill
@@ -145,6 +178,8 @@ def test_all_zero_and_dense_weights(kernels, fill, layout) -> None:
         "csr": pack_csr,
         "csr8": lambda t: pack_csr(t, torch.int8),
         "bsr": lambda t: pack_bsr(t, (4, 4)),
+        "sell": pack_sell,
+        "sell8": lambda t: pack_sell(t, torch.int8),
     }[layout](w)
     bias = torch.randn(13)
     for shape in ((1, 29), (6, 29), (2, 3, 29)):
@@ -163,15 +198,26 @@ def test_packing_round_trips() -> None:
     assert torch.equal(q.row_ptr, pack_csr(w).row_ptr) and torch.equal(
         q.col_idx, pack_csr(w).col_idx
     )
+    sell = pack_sell(w)
+    assert torch.equal(sell.to_dense(), w)
+    assert torch.equal(pack_sell(w, torch.int8).to_dense(), q.to_dense())
+    # Rows sorted by length: slice widths never increase, and padding is what sorting leaves.
+    widths = sell.slice_ptr[1:] - sell.slice_ptr[:-1]
+    assert (widths[1:] <= widths[:-1]).all()
+    assert sorted(r for r in sell.row_order.tolist() if r >= 0) == list(range(37))
+    assert (sell.row_order[37:] == -1).all()
     with pytest.raises(ValueError, match="2-D"):
         pack_csr(torch.ones(3))
     with pytest.raises(ValueError, match="block shape"):
         pack_bsr(w, (0, 4))
 
 
-def _op_args(kind: str, x: torch.Tensor, packed: CsrWeight | BsrWeight, bias: torch.Tensor | None):
+def _op_args(kind: str, x: torch.Tensor, packed: CsrWeight | BsrWeight | SellWeight, bias: torch.Tensor | None):
     out = packed.shape[0]
-    base = (x, packed.row_ptr, packed.col_idx, packed.values)
+    if isinstance(packed, SellWeight):
+        base = (x, packed.slice_ptr, packed.row_order, packed.col_idx, packed.values)
+    else:
+        base = (x, packed.row_ptr, packed.col_idx, packed.values)
     if packed.scales is not None:
         return (*base, packed.scales, bias, out)
     return (*base, bias, out)
@@ -184,6 +230,8 @@ def _op_args(kind: str, x: torch.Tensor, packed: CsrWeight | BsrWeight, bias: to
         ("csr_linear_int8", lambda w: pack_csr(w, torch.int8)),
         ("bsr_linear", lambda w: pack_bsr(w, (1, 8))),
         ("bsr_linear_int8", lambda w: pack_bsr(w, (4, 4), torch.int8)),
+        ("sell_linear", pack_sell),
+        ("sell_linear_int8", lambda w: pack_sell(w, torch.int8)),
     ],
 )
 def test_fake_matches_real(kernels, name, pack) -> None:
@@ -281,6 +329,21 @@ def test_malformed_weights_raise(kernels) -> None:
     bad_bcol[0] = 10  # 40 / 4 = 10 block columns
     with pytest.raises(RuntimeError, match="col_idx"):
         ops.bsr_linear(x, b.row_ptr, bad_bcol, b.values, None, 16)
+    s = pack_sell(_weight(16, 40, 0.5, seed=6))
+    for field, index, value, message in (
+        ("col_idx", (3, 2), 40, "col_idx"),
+        ("col_idx", (0, 0), -1, "col_idx"),
+        ("row_order", (5,), 16, "row_order"),
+        ("slice_ptr", (1,), int(s.slice_ptr[2]) + 1, "row_ptr"),
+    ):
+        tensors = {f: getattr(s, f).clone() for f in ("slice_ptr", "row_order", "col_idx")}
+        tensors[field][index] = value
+        for m in (1, 3):
+            with pytest.raises(RuntimeError, match=message):
+                ops.sell_linear(x[:m], tensors["slice_ptr"], tensors["row_order"], tensors["col_idx"],
+                                s.values, None, 16)
+    with pytest.raises(RuntimeError, match="row_order must"):
+        ops.sell_linear(x, s.slice_ptr, s.row_order[:-1], s.col_idx, s.values, None, 16)
 
 
 def test_extension_available(kernels) -> None:
