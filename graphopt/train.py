@@ -132,9 +132,9 @@ class TrainingOptions:
     data: tuple[str, ...] = ("sentences", "pydoc")
 
     def __post_init__(self) -> None:
-        from graphopt.data.corpus import SOURCES
+        from graphopt.data.corpus import OWN_DATA, SOURCES
 
-        known = ("sentences", *SOURCES)
+        known = (*OWN_DATA, *SOURCES)
         if not self.data or any(d not in known for d in self.data):
             raise ValueError(f"data must name some of {list(known)}, got {list(self.data)}")
 

@@ -48,7 +48,9 @@ __all__ = [
     "corpus_digest",
     "is_english_sentence",
     "load_corpus",
+    "load_training_data",
     "load_training_sentences",
+    "recombined_sentences",
     "split_sentences",
 ]
 
@@ -175,13 +177,55 @@ def corpus_digest(sentences: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(sentences).encode("utf-8")).hexdigest()[:16]
 
 
+def recombined_sentences(count: int = 30000, seed: int = 0) -> SentenceSplit:
+    """New sentences spliced from graphopt's train and calibration sentences.
+
+    Each one is the start of one sentence (2 or more words) followed by the end of another
+    (1 or more words), cut at word boundaries with a seeded generator: the same everyday and
+    science vocabulary and sentence shapes as graphopt's own text, in combinations the
+    ~325 originals do not have. Distillation needs that text: trained on the shipped corpus
+    (mostly Python documentation) a student matches its teacher there and less well on
+    plain English. Duplicates, originals and held-out sentences are never returned.
+    """
+    import random
+
+    own = [*load_sentences("train"), *load_sentences("calibration")]
+    words = [s.split() for s in own if len(s.split()) >= 4]
+    heldout, seen = _heldout_set(), set(own)
+    rng = random.Random(seed)
+    out: list[str] = []
+    for _ in range(count * 20):
+        if len(out) == count:
+            break
+        a, b = rng.sample(words, 2)
+        head, tail = a[: rng.randint(2, len(a) - 2)], b[rng.randint(1, len(b) - 2):]
+        sentence = " ".join([*head, *tail])
+        if sentence not in seen and sentence not in heldout:
+            seen.add(sentence)
+            out.append(sentence)
+    assert_not_heldout(out, consumer="recombined_sentences")
+    return SentenceSplit(out, "train")
+
+
+#: Training-data names beside the corpus sources.
+OWN_DATA = ("sentences", "recombined")
+
+
 def load_training_data(names: Sequence[str]) -> SentenceSplit:
-    """The training text a recipe names: ``"sentences"`` (graphopt's train and calibration splits)
-    and corpus sources, in that order, duplicates dropped; never held-out sentences."""
-    unknown = [n for n in names if n != "sentences" and n not in SOURCES]
+    """The training text a recipe names: ``"sentences"`` (graphopt's train and calibration splits),
+    ``"recombined"`` (`recombined_sentences`) and corpus sources, in that order, duplicates
+    dropped; never held-out sentences."""
+    unknown = [n for n in names if n not in OWN_DATA and n not in SOURCES]
     if unknown or not names:
-        raise ValueError(f"training data must name some of {['sentences', *SOURCES]}, got {list(names)}")
-    sources = tuple(n for n in names if n != "sentences")
+        raise ValueError(f"training data must name some of {[*OWN_DATA, *SOURCES]}, got {list(names)}")
+    sources = tuple(n for n in names if n not in OWN_DATA)
+    parts: list[Sequence[str]] = []
     if "sentences" in names:
-        return load_training_sentences(sources)  # type: ignore[arg-type]
-    return load_corpus(sources)  # type: ignore[arg-type]
+        parts.append(load_training_sentences(sources))  # type: ignore[arg-type]
+    elif sources:
+        parts.append(load_corpus(sources))  # type: ignore[arg-type]
+    if "recombined" in names:
+        parts.append(recombined_sentences())
+    seen: set[str] = set()
+    merged = [s for part in parts for s in part if not (s in seen or seen.add(s))]
+    return SentenceSplit(merged, "train")

@@ -6,7 +6,8 @@ import pytest
 
 from graphopt.data import load_sentences
 from graphopt.data.corpus import (_load_corpus, corpus_digest, is_english_sentence, load_corpus,
-                                  load_training_sentences, split_sentences)
+                                  load_training_data, load_training_sentences, recombined_sentences,
+                                  split_sentences)
 
 
 def test_split_sentences_folds_whitespace_and_splits_on_full_stops() -> None:
@@ -45,3 +46,24 @@ def test_training_sentences_start_with_graphopts_own() -> None:
     sentences = load_training_sentences(("pydoc",))
     own = [*load_sentences("train"), *load_sentences("calibration")]
     assert list(sentences[:len(own)]) == own and len(set(sentences)) == len(sentences)
+
+
+def test_recombined_sentences_are_new_splices_of_graphopts_own() -> None:
+    own = [*load_sentences("train"), *load_sentences("calibration")]
+    made = recombined_sentences(count=2000, seed=3)
+    assert made.split == "train" and len(made) == 2000 and len(set(made)) == 2000
+    assert not set(made) & set(own) and not set(made) & set(load_sentences("heldout"))
+    starts = {" ".join(s.split()[:2]) for s in own}
+    ends = {s.split()[-1] for s in own}
+    # Each is the start of one of graphopt's sentences and the end of another.
+    assert all(" ".join(s.split()[:2]) in starts and s.split()[-1] in ends for s in made)
+    assert recombined_sentences(count=2000, seed=3) == made
+    assert recombined_sentences(count=2000, seed=4) != made
+
+
+def test_training_data_names_combine_without_duplicates() -> None:
+    data = load_training_data(["sentences", "recombined"])
+    own = [*load_sentences("train"), *load_sentences("calibration")]
+    assert list(data[:len(own)]) == own and len(set(data)) == len(data) == len(own) + len(recombined_sentences())
+    with pytest.raises(ValueError, match="training data must name some of"):
+        load_training_data(["wiki"])
