@@ -31,6 +31,7 @@ Schemas::
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -92,101 +93,32 @@ for _schema in OP_SCHEMAS.values():
     _LIB.define(_schema, tags=(torch.Tag.pt2_compliant_tag,))
 
 
-def _fake_check(x: Tensor, out_features: int) -> None:
-    torch._check(x.dtype == torch.float32, lambda: f"x must be float32, got {x.dtype}")
-    torch._check(x.dim() >= 1, lambda: "x must have at least one dimension")
-    torch._check(out_features >= 0, lambda: f"out_features must be >= 0, got {out_features}")
+#: Dimensions of ``values`` in each layout: CSR [nnz], SELL [entries, 8], BSR [n_blocks, R, C].
+_VALUES_DIM = {"csr": 1, "sell": 2, "bsr": 3}
 
 
-def _fake_out(x: Tensor, out_features: int) -> Tensor:
-    return x.new_empty((*x.shape[:-1], out_features))
+def _make_fake(name: str) -> Callable[..., Tensor]:
+    """The fake (meta) implementation of op ``name``: checks what shapes depend on, returns
+    ``x``'s leading dims with ``out_features`` last. Every schema starts with ``x`` and ends
+    with ``out_features``; arguments are bound by the schema's names."""
+    names = [a.name for a in getattr(torch.ops.graphopt, name).default._schema.arguments]
+    values_dim = _VALUES_DIM[name.split("_", 1)[0]]
+
+    def fake(*args: object, **kwargs: object) -> Tensor:
+        bound = {**dict(zip(names, args)), **kwargs}
+        x, values, out_features = bound["x"], bound["values"], bound["out_features"]
+        assert isinstance(x, Tensor) and isinstance(values, Tensor) and isinstance(out_features, int)
+        torch._check(x.dtype == torch.float32, lambda: f"x must be float32, got {x.dtype}")
+        torch._check(x.dim() >= 1, lambda: "x must have at least one dimension")
+        torch._check(out_features >= 0, lambda: f"out_features must be >= 0, got {out_features}")
+        torch._check(values.dim() == values_dim, lambda: f"{name}: values must have {values_dim} dimension(s)")
+        return x.new_empty((*x.shape[:-1], out_features))
+
+    return fake
 
 
-@torch.library.register_fake("graphopt::csr_linear", lib=_LIB)
-def _csr_linear_fake(
-    x: Tensor,
-    row_ptr: Tensor,
-    col_idx: Tensor,
-    values: Tensor,
-    bias: Tensor | None,
-    out_features: int,
-) -> Tensor:
-    _fake_check(x, out_features)
-    return _fake_out(x, out_features)
-
-
-@torch.library.register_fake("graphopt::csr_linear_int8", lib=_LIB)
-def _csr_linear_int8_fake(
-    x: Tensor,
-    row_ptr: Tensor,
-    col_idx: Tensor,
-    values: Tensor,
-    scales: Tensor,
-    bias: Tensor | None,
-    out_features: int,
-) -> Tensor:
-    _fake_check(x, out_features)
-    return _fake_out(x, out_features)
-
-
-@torch.library.register_fake("graphopt::bsr_linear", lib=_LIB)
-def _bsr_linear_fake(
-    x: Tensor,
-    row_ptr: Tensor,
-    col_idx: Tensor,
-    values: Tensor,
-    bias: Tensor | None,
-    out_features: int,
-) -> Tensor:
-    _fake_check(x, out_features)
-    torch._check(values.dim() == 3, lambda: "values must be [n_blocks, R, C]")
-    return _fake_out(x, out_features)
-
-
-@torch.library.register_fake("graphopt::bsr_linear_int8", lib=_LIB)
-def _bsr_linear_int8_fake(
-    x: Tensor,
-    row_ptr: Tensor,
-    col_idx: Tensor,
-    values: Tensor,
-    scales: Tensor,
-    bias: Tensor | None,
-    out_features: int,
-) -> Tensor:
-    _fake_check(x, out_features)
-    torch._check(values.dim() == 3, lambda: "values must be [n_blocks, R, C]")
-    return _fake_out(x, out_features)
-
-
-@torch.library.register_fake("graphopt::sell_linear", lib=_LIB)
-def _sell_linear_fake(
-    x: Tensor,
-    slice_ptr: Tensor,
-    row_order: Tensor,
-    col_idx: Tensor,
-    values: Tensor,
-    bias: Tensor | None,
-    out_features: int,
-) -> Tensor:
-    _fake_check(x, out_features)
-    torch._check(values.dim() == 2, lambda: "values must be [entries, 8]")
-    return _fake_out(x, out_features)
-
-
-@torch.library.register_fake("graphopt::sell_linear_int8", lib=_LIB)
-def _sell_linear_int8_fake(
-    x: Tensor,
-    slice_ptr: Tensor,
-    row_order: Tensor,
-    col_idx: Tensor,
-    values: Tensor,
-    scales: Tensor,
-    bias: Tensor | None,
-    out_features: int,
-) -> Tensor:
-    _fake_check(x, out_features)
-    torch._check(values.dim() == 2, lambda: "values must be [entries, 8]")
-    return _fake_out(x, out_features)
+for _name in OP_SCHEMAS:
+    torch.library.register_fake(f"graphopt::{_name}", _make_fake(_name), lib=_LIB)
 
 
 _kernels_ready = False

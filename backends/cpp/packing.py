@@ -55,8 +55,26 @@ INT16_INDEX_LIMIT = 32767
 _INT32_MAX = 2**31 - 1
 
 
+class _Packed:
+    """What every packed weight has: ``values`` and ``shape``, and tensor fields to count."""
+
+    values: Tensor
+    shape: tuple[int, int]
+
+    @property
+    def nnz(self) -> int:
+        """Number of stored values (zeros inside BSR blocks and SELL padding included)."""
+        return int(self.values.numel())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all stored tensors."""
+        tensors = (getattr(self, f.name) for f in dataclasses.fields(self))  # type: ignore[arg-type]
+        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
-class CsrWeight:
+class CsrWeight(_Packed):
     """A weight in CSR form, as the ``graphopt::csr_linear*`` ops take it.
 
     Attributes:
@@ -74,16 +92,6 @@ class CsrWeight:
     scales: Tensor | None
     shape: tuple[int, int]
 
-    @property
-    def nnz(self) -> int:
-        """Number of stored values."""
-        return int(self.values.numel())
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of all stored tensors."""
-        return _nbytes(self.row_ptr, self.col_idx, self.values, self.scales)
-
     def to_dense(self) -> Tensor:
         """The float32 weight this packing represents (dequantised when int8)."""
         out, inp = self.shape
@@ -99,7 +107,7 @@ class CsrWeight:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class BsrWeight:
+class BsrWeight(_Packed):
     """A weight in block-sparse form, as the ``graphopt::bsr_linear*`` ops take it.
 
     Attributes:
@@ -121,16 +129,6 @@ class BsrWeight:
         """Block shape ``(R, C)``."""
         return int(self.values.shape[1]), int(self.values.shape[2])
 
-    @property
-    def nnz(self) -> int:
-        """Number of stored values (blocks times R * C), zeros inside blocks included."""
-        return int(self.values.numel())
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of all stored tensors."""
-        return _nbytes(self.row_ptr, self.col_idx, self.values, self.scales)
-
     def to_dense(self) -> Tensor:
         """The float32 weight this packing represents (dequantised when int8)."""
         out, inp = self.shape
@@ -148,7 +146,7 @@ class BsrWeight:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class SellWeight:
+class SellWeight(_Packed):
     """A weight in SELL-8 form, as the ``graphopt::sell_linear*`` ops take it.
 
     Attributes:
@@ -167,16 +165,6 @@ class SellWeight:
     scales: Tensor | None
     shape: tuple[int, int]
 
-    @property
-    def nnz(self) -> int:
-        """Number of stored values, padding included."""
-        return int(self.values.numel())
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of all stored tensors."""
-        return _nbytes(self.slice_ptr, self.row_order, self.col_idx, self.values, self.scales)
-
     def to_dense(self) -> Tensor:
         """The float32 weight this packing represents (dequantised when int8)."""
         out, inp = self.shape
@@ -191,10 +179,6 @@ class SellWeight:
         if self.scales is not None:
             dense *= self.scales[:, None]
         return dense
-
-
-def _nbytes(*tensors: Tensor | None) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def _check_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:

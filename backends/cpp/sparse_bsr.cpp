@@ -290,11 +290,7 @@ void bsr_dispatch(const SparseProblem& p, int R, int C, IndexErrors& err) {
 }  // namespace
 
 void bsr_forward(const SparseProblem& p, int R, int C, IndexErrors& err) {
-  if (p.idx16) {
-    if (p.val8) bsr_dispatch<int16_t, int8_t>(p, R, C, err); else bsr_dispatch<int16_t, float>(p, R, C, err);
-  } else {
-    if (p.val8) bsr_dispatch<int32_t, int8_t>(p, R, C, err); else bsr_dispatch<int32_t, float>(p, R, C, err);
-  }
+  detail::with_types(p, [&](auto i, auto v) { bsr_dispatch<decltype(i), decltype(v)>(p, R, C, err); });
 }
 
 }  // namespace graphopt

@@ -83,6 +83,17 @@ inline int plan_threads(int64_t work) {
 #endif
 }
 
+// Calls f(I{}, V{}) with the problem's index type (int16_t / int32_t) and value type
+// (int8_t / float), so each kernel family instantiates its four variants in one place.
+template <typename F>
+inline void with_types(const SparseProblem& p, F&& f) {
+  if (p.idx16) {
+    if (p.val8) f(int16_t{}, int8_t{}); else f(int16_t{}, float{});
+  } else {
+    if (p.val8) f(int32_t{}, int8_t{}); else f(int32_t{}, float{});
+  }
+}
+
 // Uninitialised 64-byte-aligned float scratch.
 struct Scratch {
   struct Free {

@@ -208,11 +208,7 @@ void csr_dispatch(const SparseProblem& p, IndexErrors& err) {
 }  // namespace
 
 void csr_forward(const SparseProblem& p, IndexErrors& err) {
-  if (p.idx16) {
-    if (p.val8) csr_dispatch<int16_t, int8_t>(p, err); else csr_dispatch<int16_t, float>(p, err);
-  } else {
-    if (p.val8) csr_dispatch<int32_t, int8_t>(p, err); else csr_dispatch<int32_t, float>(p, err);
-  }
+  detail::with_types(p, [&](auto i, auto v) { csr_dispatch<decltype(i), decltype(v)>(p, err); });
 }
 
 }  // namespace graphopt

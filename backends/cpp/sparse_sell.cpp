@@ -95,11 +95,7 @@ void sell_rows(const SparseProblem& p, IndexErrors& err) {
 }  // namespace
 
 void sell_forward(const SparseProblem& p, IndexErrors& err) {
-  if (p.idx16) {
-    if (p.val8) sell_rows<int16_t, int8_t>(p, err); else sell_rows<int16_t, float>(p, err);
-  } else {
-    if (p.val8) sell_rows<int32_t, int8_t>(p, err); else sell_rows<int32_t, float>(p, err);
-  }
+  detail::with_types(p, [&](auto i, auto v) { sell_rows<decltype(i), decltype(v)>(p, err); });
 }
 
 }  // namespace graphopt

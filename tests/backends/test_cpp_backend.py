@@ -27,22 +27,27 @@ def pruned(tiny_bundle) -> Program:
     return graphopt.Pipeline(passes).run(graphopt.trace(tiny_bundle))
 
 
+def _timing_table(path, rows: int, sparse: dict) -> str:
+    """A kernel table for 64×64 and 128×64 at ``rows``: dense 1 ms, and for each
+    ``(format, block)`` of ``sparse`` its ``((density, ms), ...)`` at fp32 and int8 alike."""
+    entries = []
+    for out, inp in ((64, 64), (128, 64)):
+        entries.append({"out": out, "in": inp, "rows": rows, "format": "dense", "block": None, "dtype": "fp32",
+                        "density": 1.0, "ms": 1.0})
+        for (fmt, block), points in sparse.items():
+            for dtype in ("fp32", "int8"):
+                for density, ms in points:
+                    entries.append({"out": out, "in": inp, "rows": rows, "format": fmt,
+                                    "block": list(block) if block else None, "dtype": dtype, "density": density, "ms": ms})
+    path.write_text(json.dumps({"entries": entries}))
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def table(tmp_path_factory) -> str:
     """64×64 and 128×64 measured (CSR fast below 20% density, BSR 4×4 fastest); 64×128 not at all."""
-    entries = []
-    for out, inp in ((64, 64), (128, 64)):
-        entries.append({"out": out, "in": inp, "rows": 16, "format": "dense", "block": None, "dtype": "fp32",
-                        "density": 1.0, "ms": 1.0})
-        for dtype in ("fp32", "int8"):
-            for density, csr_ms, bsr_ms in ((0.1, 0.3, 0.2), (0.3, 1.2, 0.5)):
-                entries.append({"out": out, "in": inp, "rows": 16, "format": "csr", "block": None, "dtype": dtype,
-                                "density": density, "ms": csr_ms})
-                entries.append({"out": out, "in": inp, "rows": 16, "format": "bsr", "block": [4, 4],
-                                "dtype": dtype, "density": density, "ms": bsr_ms})
-    path = tmp_path_factory.mktemp("table") / "times.json"
-    path.write_text(json.dumps({"entries": entries}))
-    return str(path)
+    return _timing_table(tmp_path_factory.mktemp("table") / "times.json", 16,
+                         {("csr", None): ((0.1, 0.3), (0.3, 1.2)), ("bsr", (4, 4)): ((0.1, 0.2), (0.3, 0.5))})
 
 
 def test_each_layer_gets_the_format_the_table_says(pruned: Program, table: str) -> None:
@@ -108,18 +113,9 @@ def test_sell_is_chosen_where_it_measured_fastest(pruned: Program, tmp_path) -> 
     load) match the pruned module."""
     from graphopt.backends.cpp.backend import load_cpp
 
-    entries = []
-    for out, inp in ((64, 64), (128, 64)):
-        entries.append({"out": out, "in": inp, "rows": 1, "format": "dense", "block": None, "dtype": "fp32",
-                        "density": 1.0, "ms": 1.0})
-        for dtype in ("fp32", "int8"):
-            for density, csr_ms, sell_ms in ((0.1, 0.3, 0.1), (0.3, 1.2, 0.4)):
-                for fmt, ms in (("csr", csr_ms), ("sell", sell_ms)):
-                    entries.append({"out": out, "in": inp, "rows": 1, "format": fmt, "block": None,
-                                    "dtype": dtype, "density": density, "ms": ms})
-    table = tmp_path / "times.json"
-    table.write_text(json.dumps({"entries": entries}))
-    executable = graphopt.compile(pruned, backend="cpp", table=str(table), rows=1)
+    table = _timing_table(tmp_path / "times.json", 1,
+                          {("csr", None): ((0.1, 0.3), (0.3, 1.2)), ("sell", None): ((0.1, 0.1), (0.3, 0.4))})
+    executable = graphopt.compile(pruned, backend="cpp", table=table, rows=1)
     assert executable.notes["formats"] == {"sell": 10, "dense": 2}
     targets = {str(n.target) for n in executable.exported.graph.nodes if n.op == "call_function"}
     assert "graphopt.sell_linear.default" in targets
@@ -127,6 +123,6 @@ def test_sell_is_chosen_where_it_measured_fastest(pruned: Program, tmp_path) -> 
     np.testing.assert_allclose(executable(**pruned.example_inputs)[0], want, rtol=0, atol=1e-5)
     loaded = load_cpp(executable.save(tmp_path / "out"))
     np.testing.assert_allclose(loaded(**pruned.example_inputs)[0], want, rtol=0, atol=1e-5)
-    int8 = graphopt.compile(pruned, backend="cpp", table=str(table), rows=1, int8=True)
+    int8 = graphopt.compile(pruned, backend="cpp", table=table, rows=1, int8=True)
     assert int8.notes["formats"] == {"sell int8": 10, "dense": 2}
     assert sqnr_db(int8(**pruned.example_inputs)[0], want) > 30.0
