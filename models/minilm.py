@@ -232,6 +232,10 @@ class SentenceTokenizer:
         """Number of distinct ids this tokenizer can emit."""
         return self.clip_vocab or self._tokenizer.get_vocab_size()
 
+    def vocabulary(self) -> dict[str, int]:
+        """Token → id, as the tokenizer file lists it (before any ``clip_vocab``)."""
+        return self._tokenizer.get_vocab()
+
     def __call__(
         self, sentences: Sequence[str], max_length: int = 128, pad_to: int | None = None
     ) -> dict[str, torch.Tensor]:

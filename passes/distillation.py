@@ -47,7 +47,7 @@ __all__ = ["DistillationPass"]
 
 logger = logging.getLogger(__name__)
 
-_DATA = ("sentences", "recombined", *SOURCES)
+_DATA = ("sentences", "recombined", "substituted", *SOURCES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +59,7 @@ class DistillOptions(TrainingOptions):
     cosine logits. logits: "similarity" (sentence encoders) or "output" (a head's logits).
     hidden_metric, output_metric: "mse" or "cosine". layer_map: teacher layer per student layer
     (empty: uniform). data: "sentences" (graphopt's train and calibration splits), "recombined"
-    (new sentences spliced from those) and corpus sources. dropout: train the student with its dropout on. evaluate: score the student on
+    (new sentences spliced from those), "substituted" (those with words swapped for the tokenizer's) and corpus sources. dropout: train the student with its dropout on. evaluate: score the student on
     held-out sentences before and after (evaluation only: never trained on). The defaults are
     the weights and schedule measured best for MiniLM 6 -> 3 (see recipes/distill-3layer.toml)."""
 
@@ -134,7 +134,7 @@ class DistillationPass(Pass):
 
     def call(self, program: Program) -> PassResult:
         teacher, student = self._teacher(program), program.ir
-        sentences = load_training_data(self.options.data)
+        sentences = load_training_data(self.options.data, program.tokenizer)
         before = heldout_agreement(student, teacher, program.tokenizer) if self.options.evaluate else None
         result = train(student, teacher, sentences, self.options.loss(), self.options.train_config(),
                        tokenizer=program.tokenizer, progress=self.train_progress)

@@ -161,7 +161,7 @@ class MagnitudePruningPass(Pass):
                 clone = program.clone()
                 one_shot.prune(clone.ir, o.sparsity)
                 notes["heldout_vs_dense_one_shot"] = _agreement(clone.ir, program.tokenizer, dense)
-            sentences = load_training_data(self.options.data)
+            sentences = load_training_data(self.options.data, program.tokenizer)
             result = train(program.ir, teacher, sentences, o.loss(), o.train_config(),
                            tokenizer=program.tokenizer, hooks=[hook], progress=self.train_progress)
             notes["train"] = result.as_dict()

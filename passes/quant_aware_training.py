@@ -134,7 +134,7 @@ class QuantAwareTrainingPass(Pass):
         frozen = [p for n in tables for p in module.get_submodule(n).parameters() if p.requires_grad]
         for parameter in frozen:
             parameter.requires_grad_(False)
-        sentences = load_training_data(o.data)
+        sentences = load_training_data(o.data, program.tokenizer)
         layers = swap_qat(module, specs, learn_scales=o.learn_scales)
         try:
             with swap_fake_quant(module, tables):

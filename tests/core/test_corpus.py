@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from graphopt.data import load_sentences
-from graphopt.data.corpus import (_load_corpus, corpus_digest, is_english_sentence, load_corpus,
+from graphopt.data.corpus import (_load_corpus, _suffix_class, corpus_digest, is_english_sentence, load_corpus,
                                   load_training_data, load_training_sentences, recombined_sentences,
-                                  split_sentences)
+                                  split_sentences, substituted_sentences, tokenizer_vocabulary,
+                                  vocabulary_words)
 
 
 def test_split_sentences_folds_whitespace_and_splits_on_full_stops() -> None:
@@ -67,3 +68,55 @@ def test_training_data_names_combine_without_duplicates() -> None:
     assert list(data[:len(own)]) == own and len(set(data)) == len(data) == len(own) + len(recombined_sentences())
     with pytest.raises(ValueError, match="training data must name some of"):
         load_training_data(["wiki"])
+
+
+def test_vocabulary_words_are_whole_lower_case_words_in_id_order() -> None:
+    vocab = {"[PAD]": 0, "the": 5, "##ing": 6, "cat": 9, "a": 7, "Paris": 8, "42": 10, "runs": 12, "!": 11}
+    assert vocabulary_words(vocab) == ["the", "a", "cat", "runs"]
+    assert vocabulary_words(vocab, limit=2) == ["the", "a"]
+
+
+def _content_word(token: str) -> str:
+    return "".join(c for c in token if c.isalnum()).lower()
+
+
+def test_substituted_sentences_swap_content_words_for_vocabulary_words_of_the_same_ending() -> None:
+    own = [*load_sentences("train"), *load_sentences("calibration")]
+    function_words = ["the", "a", "of", "and", "is", "in", "to", "it"]
+    pool = [f"word{n}{suffix}" for n in range(80) for suffix in ("", "ing", "ed", "ly", "s")]
+    words = [*function_words, *pool]
+    made = substituted_sentences(words, count=500, seed=1, rate=0.3, keep=len(function_words))
+    assert made.split == "train" and len(made) == len(set(made)) == 500
+    assert not set(made) & set(own) and not set(made) & set(load_sentences("heldout"))
+    frames = {}
+    for sentence in own:
+        frames.setdefault(len(sentence.split()), []).append(sentence.split())
+
+    def explained_by(tokens: list[str], frame: list[str]) -> bool:
+        for new, old in zip(tokens, frame):
+            if new == old:
+                continue
+            core, was = _content_word(new), _content_word(old)
+            if core not in pool or was in function_words or _suffix_class(core) != _suffix_class(was):
+                return False
+            if new[0].isupper() != old.lstrip("\"'(")[0].isupper():
+                return False
+        return True
+
+    # Every sentence is one of graphopt's with some content words swapped, each for a word of
+    # the same ending, capitals kept; function words are never swapped.
+    assert all(any(explained_by(s.split(), f) for f in frames[len(s.split())]) for s in made)
+    assert substituted_sentences(words, count=500, seed=1, rate=0.3, keep=len(function_words)) == made
+    assert substituted_sentences(words, count=500, seed=2, rate=0.3, keep=len(function_words)) != made
+    with pytest.raises(ValueError, match="needs at least"):
+        substituted_sentences(words[:50], keep=len(function_words))
+
+
+def test_substituted_data_needs_the_tokenizers_vocabulary(tiny_bundle) -> None:
+    vocabulary = tokenizer_vocabulary(tiny_bundle.tokenizer)
+    assert vocabulary is not None and vocabulary["the"] < vocabulary["piano"]
+    data = load_training_data(["substituted"], tiny_bundle.tokenizer)
+    assert len(data) == 30000 and not set(data) & set(load_sentences("heldout"))
+    assert tokenizer_vocabulary(object()) is None
+    with pytest.raises(ValueError, match="needs the tokenizer's vocabulary"):
+        load_training_data(["sentences", "substituted"])
