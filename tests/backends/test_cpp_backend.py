@@ -51,7 +51,7 @@ def table(tmp_path_factory) -> str:
 
 
 def test_each_layer_gets_the_format_the_table_says(pruned: Program, table: str) -> None:
-    executable = graphopt.compile(pruned, backend="cpp", table=table)
+    executable = graphopt.compile(pruned, backend="cpp", table=table, aot=False)
     layers = executable.notes["layers"]
     for kind in ("attention.query", "attention.key", "attention.value", "attention.output", "ffn.intermediate"):
         assert (layers[f"layers.0.{kind}"]["format"], tuple(layers[f"layers.0.{kind}"]["block"])) == ("bsr", (4, 4))
@@ -66,26 +66,62 @@ def test_each_layer_gets_the_format_the_table_says(pruned: Program, table: str) 
 
 def test_outputs_match_the_pruned_module_fp32_and_int8(pruned: Program, table: str) -> None:
     want = pruned.run()[0]
-    got = graphopt.compile(pruned, backend="cpp", table=table)(**pruned.example_inputs)[0]
+    got = graphopt.compile(pruned, backend="cpp", table=table, aot=False)(**pruned.example_inputs)[0]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
-    int8 = graphopt.compile(pruned, backend="cpp", table=table, int8=True)
+    int8 = graphopt.compile(pruned, backend="cpp", table=table, int8=True, aot=False)
     assert int8.notes["formats"] == {"bsr 4x4 int8": 5, "csr int8": 5, "dense": 2}
     assert sqnr_db(int8(**pruned.example_inputs)[0], want) > 30.0
 
 
-def test_model_pt2_loads_in_a_new_process_and_matches(pruned: Program, table: str, tmp_path) -> None:
-    executable = graphopt.compile(pruned, backend="cpp", table=table)
-    path = executable.save(tmp_path / "out")
+@pytest.fixture(scope="module")
+def compiled_int8(pruned: Program, table: str, tmp_path_factory):
+    """The default lowering (AOTInductor), int8, saved; built once (~20 s)."""
+    executable = graphopt.compile(pruned, backend="cpp", table=table, int8=True)
+    return executable, executable.save(tmp_path_factory.mktemp("aot") / "out")
+
+
+def test_model_pt2_loads_in_a_new_process_and_matches(pruned: Program, table: str, compiled_int8, tmp_path) -> None:
+    """The default lowering compiles ahead of time (AOTInductor) and saves model.pt2 plus the
+    compiled code without weights; a new process runs it when trusted, the exported graph when
+    not, and both match the same program run eagerly."""
+    executable, path = compiled_int8
+    assert executable.notes["runs"] == "aotinductor"
+    eager = graphopt.compile(pruned, backend="cpp", table=table, int8=True, aot=False)
+    np.testing.assert_allclose(executable(**pruned.example_inputs)[0], eager(**pruned.example_inputs)[0],
+                               rtol=0, atol=1e-5)
+    package = path.with_name("model.aoti.pt2")
+    assert package.is_file() and package.stat().st_size < path.stat().st_size * 10
     inputs = pruned.tokenizer(["One short sentence.", "And a second, somewhat longer sentence here."])
     np.savez(tmp_path / "inputs.npz", **{k: v.numpy() for k, v in inputs.items()})
     script = textwrap.dedent(f"""
-        import numpy as np
+        import json, numpy as np
         from graphopt.backends.cpp.backend import load_cpp
         inputs = dict(np.load({str(tmp_path / 'inputs.npz')!r}))
-        np.save({str(tmp_path / 'got.npy')!r}, load_cpp({str(path)!r})(**inputs)[0])
+        runs = {{}}
+        for trust in (False, True):
+            loaded = load_cpp({str(path)!r}, trust_native_code=trust)
+            runs[str(trust)] = loaded.notes["runs"]
+            np.save({str(tmp_path)!r} + f"/got-{{trust}}.npy", loaded(**inputs)[0])
+        print(json.dumps(runs))
     """)
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
-    np.testing.assert_allclose(np.load(tmp_path / "got.npy"), pruned.run(inputs)[0], rtol=0, atol=1e-5)
+    done = subprocess.run([sys.executable, "-c", script], check=True, timeout=300, capture_output=True, text=True)
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"False": "exported graph (eager)",
+                                                                 "True": "aotinductor"}
+    want = eager(**inputs)[0]
+    for trust in (False, True):
+        np.testing.assert_allclose(np.load(tmp_path / f"got-{trust}.npy"), want, rtol=0, atol=1e-5)
+
+
+def test_compiled_code_for_a_missing_instruction_set_is_not_run(pruned: Program, compiled_int8, monkeypatch,
+                                                                caplog) -> None:
+    from graphopt.backends.cpp.backend import load_cpp
+
+    executable, path = compiled_int8
+    monkeypatch.setattr("torch.backends.cpu.get_cpu_capability", lambda: "DEFAULT")
+    loaded = load_cpp(path, trust_native_code=True)
+    assert loaded.notes["runs"] == "exported graph (eager)" and "this CPU has DEFAULT" in caplog.text
+    np.testing.assert_allclose(loaded(**pruned.example_inputs)[0], executable(**pruned.example_inputs)[0],
+                               rtol=0, atol=1e-5)
 
 
 def test_torch_onnxruntime_and_cpp_agree(pruned: Program, table: str) -> None:
@@ -95,7 +131,7 @@ def test_torch_onnxruntime_and_cpp_agree(pruned: Program, table: str) -> None:
                                "A third one."])
     onnx_program = graphopt.Pipeline([registry.passes.get("export")()]).run(pruned.clone())
     ort = graphopt.compile(onnx_program, backend="onnxruntime")
-    cpp = graphopt.compile(pruned, backend="cpp", table=table)
+    cpp = graphopt.compile(pruned, backend="cpp", table=table, aot=False)
     assert_backends_agree(pruned.run(inputs)[0], {"onnxruntime": ort(**inputs)[0], "cpp": cpp(**inputs)[0]},
                           atol=1e-4)
 
@@ -115,7 +151,7 @@ def test_sell_is_chosen_where_it_measured_fastest(pruned: Program, tmp_path) -> 
 
     table = _timing_table(tmp_path / "times.json", 1,
                           {("csr", None): ((0.1, 0.3), (0.3, 1.2)), ("sell", None): ((0.1, 0.1), (0.3, 0.4))})
-    executable = graphopt.compile(pruned, backend="cpp", table=table, rows=1)
+    executable = graphopt.compile(pruned, backend="cpp", table=table, rows=1, aot=False)
     assert executable.notes["formats"] == {"sell": 10, "dense": 2}
     targets = {str(n.target) for n in executable.exported.graph.nodes if n.op == "call_function"}
     assert "graphopt.sell_linear.default" in targets
@@ -123,6 +159,6 @@ def test_sell_is_chosen_where_it_measured_fastest(pruned: Program, tmp_path) -> 
     np.testing.assert_allclose(executable(**pruned.example_inputs)[0], want, rtol=0, atol=1e-5)
     loaded = load_cpp(executable.save(tmp_path / "out"))
     np.testing.assert_allclose(loaded(**pruned.example_inputs)[0], want, rtol=0, atol=1e-5)
-    int8 = graphopt.compile(pruned, backend="cpp", table=table, rows=1, int8=True)
+    int8 = graphopt.compile(pruned, backend="cpp", table=table, rows=1, int8=True, aot=False)
     assert int8.notes["formats"] == {"sell int8": 10, "dense": 2}
     assert sqnr_db(int8(**pruned.example_inputs)[0], want) > 30.0
