@@ -143,6 +143,7 @@ def compile_ahead_of_time(exported: torch.export.ExportedProgram) -> tuple[Any, 
     program's weights; returns the callable model and the package's bytes."""
     import torch._inductor
 
+    load_extension()  # the compiled code calls our ops through the dispatcher
     with tempfile.TemporaryDirectory(prefix="graphopt-aoti-") as folder:
         package = Path(folder) / AOT_PACKAGE_NAME
         torch._inductor.aoti_compile_and_package(

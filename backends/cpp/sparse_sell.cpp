@@ -25,6 +25,18 @@ namespace {
 
 using namespace detail;
 
+// The entries [k0, k0 + n) of slice s, or false (and a recorded error) for a bad slice pointer.
+inline bool slice_entries(const SparseProblem& p, int64_t s, IndexErrors& err, int64_t& k0, int64_t& n) {
+  const int64_t k1 = p.row_ptr[s + 1];
+  k0 = p.row_ptr[s];
+  n = k1 - k0;
+  if (k0 < 0 || k0 > k1 || k1 > p.nnz) {
+    err.bad_row_ptr.store(true, std::memory_order_relaxed);
+    return false;
+  }
+  return true;
+}
+
 template <typename I, typename V>
 void sell_rows(const SparseProblem& p, IndexErrors& err) {
   const I* col = static_cast<const I*>(p.col_idx);
@@ -35,14 +47,10 @@ void sell_rows(const SparseProblem& p, IndexErrors& err) {
   std::fill(p.y, p.y + p.m * p.out, 0.f);
   parallel_rows(p.row_ptr, p.n_groups, p.nnz * 8 * p.m, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) {
-      const int64_t k0 = p.row_ptr[s], k1 = p.row_ptr[s + 1];
-      if (k0 < 0 || k0 > k1 || k1 > p.nnz) {
-        err.bad_row_ptr.store(true, std::memory_order_relaxed);
-        continue;
-      }
+      int64_t k0, n;
+      if (!slice_entries(p, s, err, k0, n)) continue;
       const I* c = col + 8 * k0;
       const V* v = val + 8 * k0;
-      const int64_t n = k1 - k0;
       for (int64_t b = 0; b < p.m; ++b) {
         const float* xb = p.x + b * p.in;
         v8f sums;
@@ -112,25 +120,16 @@ void sell_tiles(const SparseProblem& p, IndexErrors& err) {
   float* xt = buf.get();
   transpose_tiles(p.x, p.m, p.in, p.in, TB, xt);
   std::fill(p.y, p.y + p.m * p.out, 0.f);
-  int64_t longest = 0;
-  for (int64_t s = 0; s < p.n_groups; ++s) longest = std::max<int64_t>(longest, p.row_ptr[s + 1] - p.row_ptr[s]);
   parallel_rows(p.row_ptr, p.n_groups, p.nnz * 8 * p.m, [&](int64_t begin, int64_t end) {
-    // The slice's values as floats, converted once and broadcast from here.
-    Scratch wbuf(8 * std::max<int64_t>(longest, 1));
-    float* w = wbuf.get();
     for (int64_t s = begin; s < end; ++s) {
-      const int64_t k0 = p.row_ptr[s], k1 = p.row_ptr[s + 1];
-      if (k0 < 0 || k0 > k1 || k1 > p.nnz) {
-        err.bad_row_ptr.store(true, std::memory_order_relaxed);
-        continue;
-      }
+      int64_t k0, n;
+      if (!slice_entries(p, s, err, k0, n)) continue;
       const I* c = col + 8 * k0;
-      const int64_t n = k1 - k0;
+      const V* v = val + 8 * k0;
       if (max_index(c, 8 * n) > lim) {
         err.bad_col_idx.store(true, std::memory_order_relaxed);
         continue;
       }
-      for (int64_t k = 0; k < n; ++k) store8(w + 8 * k, load8_as_float(val + 8 * (k0 + k)));
       for (int64_t t = 0; t < tiles; ++t) {
         const float* xtt = xt + t * p.in * TB;
         for (int r0 = 0; r0 < 8; r0 += LR) {
@@ -140,7 +139,7 @@ void sell_tiles(const SparseProblem& p, IndexErrors& err) {
           for (int64_t k = 0; k < n; ++k) {
 #pragma GCC unroll 8
             for (int r = 0; r < LR; ++r) {
-              const float wr = w[8 * k + r0 + r];
+              const float wr = to_float(v[8 * k + r0 + r]);
               const float* xr = xtt + static_cast<int64_t>(static_cast<std::make_unsigned_t<I>>(c[8 * k + r0 + r])) * TB;
 #pragma GCC unroll 8
               for (int q = 0; q < NV; ++q) acc[r][q] += wr * load8(xr + 8 * q);

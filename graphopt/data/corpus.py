@@ -34,9 +34,10 @@ import ast
 import functools
 import hashlib
 import logging
+import random
 import re
 import sysconfig
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -190,23 +191,31 @@ def recombined_sentences(count: int = 30000, seed: int = 0) -> SentenceSplit:
     (mostly Python documentation) a student matches its teacher there and less well on
     plain English. Duplicates, originals and held-out sentences are never returned.
     """
-    import random
-
     own = [*load_sentences("train"), *load_sentences("calibration")]
     words = [s.split() for s in own if len(s.split()) >= 4]
+
+    def splice(rng: random.Random) -> str:
+        a, b = rng.sample(words, 2)
+        return " ".join([*a[: rng.randint(2, len(a) - 2)], *b[rng.randint(1, len(b) - 2):]])
+
+    return _new_sentences(splice, own, count, seed, "recombined_sentences")
+
+
+def _new_sentences(make: Callable[[random.Random], str], own: Sequence[str], count: int, seed: int,
+                   consumer: str) -> SentenceSplit:
+    """Up to ``count`` distinct sentences from ``make(rng)`` (seeded), none of them in ``own``
+    and none held-out (refused again by `assert_not_heldout`)."""
     heldout, seen = _heldout_set(), set(own)
     rng = random.Random(seed)
     out: list[str] = []
     for _ in range(count * 20):
         if len(out) == count:
             break
-        a, b = rng.sample(words, 2)
-        head, tail = a[: rng.randint(2, len(a) - 2)], b[rng.randint(1, len(b) - 2):]
-        sentence = " ".join([*head, *tail])
+        sentence = make(rng)
         if sentence not in seen and sentence not in heldout:
             seen.add(sentence)
             out.append(sentence)
-    assert_not_heldout(out, consumer="recombined_sentences")
+    assert_not_heldout(out, consumer=consumer)
     return SentenceSplit(out, "train")
 
 
@@ -246,8 +255,6 @@ def substituted_sentences(words: Sequence[str], count: int = 30000, seed: int = 
     Raises:
         ValueError: fewer than ``keep`` + 100 words, or a rate outside (0, 1].
     """
-    import random
-
     if len(words) < keep + 100 or not 0 < rate <= 1:
         raise ValueError(f"substituted_sentences needs at least {keep + 100} words (got {len(words)}) "
                          f"and a rate in (0, 1] (got {rate})")
@@ -256,26 +263,18 @@ def substituted_sentences(words: Sequence[str], count: int = 30000, seed: int = 
     pools: dict[str, list[str]] = {suffix: [] for suffix in (*_SUFFIXES, "")}
     for word in words[keep:]:
         pools[_suffix_class(word)].append(word)
-    heldout, seen = _heldout_set(), set(own)
-    rng = random.Random(seed)
-    out: list[str] = []
-    for _ in range(count * 20):
-        if len(out) == count:
-            break
+
+    def swap(rng: random.Random) -> str:
         swapped = []
         for text in rng.choice(own).split():
             match = _WORD_IN_TEXT.match(text)
             if match and match[2].lower() not in function_words and rng.random() < rate:
-                pool = pools[_suffix_class(match[2].lower())] or pools[""]
-                word = rng.choice(pool)
+                word = rng.choice(pools[_suffix_class(match[2].lower())] or pools[""])
                 text = match[1] + (word.capitalize() if match[2][0].isupper() else word) + match[3]
             swapped.append(text)
-        sentence = " ".join(swapped)
-        if sentence not in seen and sentence not in heldout:
-            seen.add(sentence)
-            out.append(sentence)
-    assert_not_heldout(out, consumer="substituted_sentences")
-    return SentenceSplit(out, "train")
+        return " ".join(swapped)
+
+    return _new_sentences(swap, own, count, seed, "substituted_sentences")
 
 
 #: Training-data names beside the corpus sources.
