@@ -249,7 +249,8 @@ def substituted_sentences(words: Sequence[str], count: int = 30000, seed: int = 
     the same ending (``-ing``, ``-ed``, ``-ly``, ``-s`` or none), keeping its capital and
     punctuation. The sentence frames stay graphopt's plain English; the vocabulary becomes the
     tokenizer's (`vocabulary_words`). Distillation on it measured 0.9088 held-out mean cosine
-    (500 steps) against 0.9015 on graphopt's sentences and `recombined_sentences` alone.
+    (500 steps) against 0.9015 on graphopt's sentences and `recombined_sentences` alone (swapping
+    at rate 0.15: 0.9070; swapping in spliced sentences too: 0.9086).
     Originals, duplicates and held-out sentences are never returned.
 
     Raises:
