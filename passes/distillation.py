@@ -59,8 +59,9 @@ class DistillOptions(TrainingOptions):
     cosine logits. logits: "similarity" (sentence encoders) or "output" (a head's logits).
     hidden_metric, output_metric: "mse" or "cosine". layer_map: teacher layer per student layer
     (empty: uniform). data: "sentences" (graphopt's train and calibration splits), "recombined"
-    (new sentences spliced from those), "substituted" (those with words swapped for the tokenizer's) and corpus sources. dropout: train the student with its dropout on. evaluate: score the student on
-    held-out sentences before and after (evaluation only: never trained on). The defaults are
+    (new sentences spliced from those), "substituted" (those with words swapped for the
+    tokenizer's) and corpus sources. dropout: train the student with its dropout on. evaluate:
+    score the student on held-out sentences before and after (evaluation only: never trained on). The defaults are
     the weights and schedule measured best for MiniLM 6 -> 3 (see recipes/distill-3layer.toml)."""
 
     teacher: str = "kept"

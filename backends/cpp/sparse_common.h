@@ -127,6 +127,18 @@ inline std::vector<int64_t> split_rows(const int32_t* rp, int64_t n, int nt) {
   return b;
 }
 
+// Calls f(std::integral_constant<int, TB>{}) with the batch-tile width for m rows of in
+// features: the widest tile that covers the batch and keeps [in, TB] floats within ~256 KB,
+// half of a Zen 3 / Skylake-SP L2, beside the streaming weights.
+template <typename F>
+inline void with_tile_width(int64_t m, int64_t in, F&& f) {
+  const int64_t fit = (256 * 1024 / 4) / std::max<int64_t>(in, 1);
+  if (m <= 8) return f(std::integral_constant<int, 8>{});
+  if (m <= 16 || fit < 32) return f(std::integral_constant<int, 16>{});
+  if (m <= 32 || fit < 64) return f(std::integral_constant<int, 32>{});
+  return f(std::integral_constant<int, 64>{});
+}
+
 // Runs f(begin, end) over balanced row-group ranges, on one thread when the work is small.
 template <typename F>
 inline void parallel_rows(const int32_t* rp, int64_t n, int64_t work, const F& f) {

@@ -196,13 +196,7 @@ void csr_tiles(const SparseProblem& p, IndexErrors& err) {
 template <typename I, typename V>
 void csr_dispatch(const SparseProblem& p, IndexErrors& err) {
   if (p.m == 1) return csr_gather<I, V>(p, err);
-  if (p.m <= 8) return csr_tiles<8, I, V>(p, err);
-  // The widest tile that covers the batch and keeps [in, TB] floats within ~256 KB, half
-  // of a Zen 3 / Skylake-SP L2, beside the streaming weights.
-  const int64_t fit = (256 * 1024 / 4) / std::max<int64_t>(p.in, 1);
-  if (p.m <= 16 || fit < 32) return csr_tiles<16, I, V>(p, err);
-  if (p.m <= 32 || fit < 64) return csr_tiles<32, I, V>(p, err);
-  return csr_tiles<64, I, V>(p, err);
+  with_tile_width(p.m, p.in, [&](auto tb) { csr_tiles<decltype(tb)::value, I, V>(p, err); });
 }
 
 }  // namespace

@@ -25,80 +25,79 @@ namespace {
 
 using namespace detail;
 
-// The entries [k0, k0 + n) of slice s, or false (and a recorded error) for a bad slice pointer.
-inline bool slice_entries(const SparseProblem& p, int64_t s, IndexErrors& err, int64_t& k0, int64_t& n) {
-  const int64_t k1 = p.row_ptr[s + 1];
-  k0 = p.row_ptr[s];
-  n = k1 - k0;
-  if (k0 < 0 || k0 > k1 || k1 > p.nnz) {
-    err.bad_row_ptr.store(true, std::memory_order_relaxed);
-    return false;
-  }
-  return true;
+// Runs f(s, c, v, n) for each slice s with a valid slice pointer (its n entries start at
+// column indices c and values v), over balanced slice ranges; a bad pointer is recorded and
+// its slice skipped. y is zeroed first, so lanes no slice writes (a corrupt row_order) stay
+// defined.
+template <typename I, typename V, typename F>
+void for_each_slice(const SparseProblem& p, IndexErrors& err, const F& f) {
+  const I* col = static_cast<const I*>(p.col_idx);
+  const V* val = static_cast<const V*>(p.values);
+  std::fill(p.y, p.y + p.m * p.out, 0.f);
+  parallel_rows(p.row_ptr, p.n_groups, p.nnz * 8 * p.m, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) {
+      const int64_t k0 = p.row_ptr[s], k1 = p.row_ptr[s + 1];
+      if (k0 < 0 || k0 > k1 || k1 > p.nnz) {
+        err.bad_row_ptr.store(true, std::memory_order_relaxed);
+        continue;
+      }
+      f(s, col + 8 * k0, val + 8 * k0, k1 - k0);
+    }
+  });
 }
 
 template <typename I, typename V>
 void sell_rows(const SparseProblem& p, IndexErrors& err) {
-  const I* col = static_cast<const I*>(p.col_idx);
-  const V* val = static_cast<const V*>(p.values);
   const int32_t* order = p.row_order;
   const uint32_t lim = static_cast<uint32_t>(p.in - 1);
-  // Lanes of y that no slice writes (a corrupt row_order) stay defined.
-  std::fill(p.y, p.y + p.m * p.out, 0.f);
-  parallel_rows(p.row_ptr, p.n_groups, p.nnz * 8 * p.m, [&](int64_t begin, int64_t end) {
-    for (int64_t s = begin; s < end; ++s) {
-      int64_t k0, n;
-      if (!slice_entries(p, s, err, k0, n)) continue;
-      const I* c = col + 8 * k0;
-      const V* v = val + 8 * k0;
-      for (int64_t b = 0; b < p.m; ++b) {
-        const float* xb = p.x + b * p.in;
-        v8f sums;
-        uint32_t seen = 0;
+  for_each_slice<I, V>(p, err, [&](int64_t s, const I* c, const V* v, int64_t n) {
+    for (int64_t b = 0; b < p.m; ++b) {
+      const float* xb = p.x + b * p.in;
+      v8f sums;
+      uint32_t seen = 0;
 #ifdef GRAPHOPT_AVX2
-        const __m256i limv = _mm256_set1_epi32(static_cast<int>(lim));
-        __m256i hi = _mm256_setzero_si256();
-        // Four accumulators: a gather's latency (~20 cycles), not its throughput, would
-        // otherwise bound the loop on long slices.
-        __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-        int64_t k = 0;
-        for (; k + 4 <= n; k += 4) {
+      const __m256i limv = _mm256_set1_epi32(static_cast<int>(lim));
+      __m256i hi = _mm256_setzero_si256();
+      // Four accumulators: a gather's latency (~20 cycles), not its throughput, would
+      // otherwise bound the loop on long slices.
+      __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      int64_t k = 0;
+      for (; k + 4 <= n; k += 4) {
 #pragma GCC unroll 4
-          for (int u = 0; u < 4; ++u) {
-            const __m256i i = load_idx8(c + 8 * (k + u));
-            hi = _mm256_max_epu32(hi, i);
-            a[u] = _mm256_fmadd_ps(load_val8(v + 8 * (k + u)),
-                                   _mm256_i32gather_ps(xb, _mm256_min_epu32(i, limv), 4), a[u]);
-          }
-        }
-        for (int u = 0; k < n; ++k, ++u) {
-          const __m256i i = load_idx8(c + 8 * k);
+        for (int u = 0; u < 4; ++u) {
+          const __m256i i = load_idx8(c + 8 * (k + u));
           hi = _mm256_max_epu32(hi, i);
-          a[u] = _mm256_fmadd_ps(load_val8(v + 8 * k), _mm256_i32gather_ps(xb, _mm256_min_epu32(i, limv), 4), a[u]);
+          a[u] = _mm256_fmadd_ps(load_val8(v + 8 * (k + u)),
+                                 _mm256_i32gather_ps(xb, _mm256_min_epu32(i, limv), 4), a[u]);
         }
-        sums = (v8f)_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
-        alignas(32) uint32_t lanes[8];
-        _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), hi);
-        for (int r = 0; r < 8; ++r) seen = std::max(seen, lanes[r]);
+      }
+      for (int u = 0; k < n; ++k, ++u) {
+        const __m256i i = load_idx8(c + 8 * k);
+        hi = _mm256_max_epu32(hi, i);
+        a[u] = _mm256_fmadd_ps(load_val8(v + 8 * k), _mm256_i32gather_ps(xb, _mm256_min_epu32(i, limv), 4), a[u]);
+      }
+      sums = (v8f)_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+      alignas(32) uint32_t lanes[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), hi);
+      for (int r = 0; r < 8; ++r) seen = std::max(seen, lanes[r]);
 #else
-        sums = v8f{};
-        for (int64_t k = 0; k < n; ++k)
-          for (int r = 0; r < 8; ++r) {
-            const uint32_t i = static_cast<uint32_t>(static_cast<std::make_unsigned_t<I>>(c[8 * k + r]));
-            seen = std::max(seen, i);
-            sums[r] += to_float(v[8 * k + r]) * xb[std::min(i, lim)];
-          }
-#endif
-        if (seen > lim) err.bad_col_idx.store(true, std::memory_order_relaxed);
+      sums = v8f{};
+      for (int64_t k = 0; k < n; ++k)
         for (int r = 0; r < 8; ++r) {
-          const int64_t o = order[8 * s + r];
-          if (o < 0) continue;
-          if (o >= p.out) {
-            err.bad_row_order.store(true, std::memory_order_relaxed);
-            continue;
-          }
-          p.y[b * p.out + o] = finish(sums[r], p.scales, p.bias, o);
+          const uint32_t i = static_cast<uint32_t>(static_cast<std::make_unsigned_t<I>>(c[8 * k + r]));
+          seen = std::max(seen, i);
+          sums[r] += to_float(v[8 * k + r]) * xb[std::min(i, lim)];
         }
+#endif
+      if (seen > lim) err.bad_col_idx.store(true, std::memory_order_relaxed);
+      for (int r = 0; r < 8; ++r) {
+        const int64_t o = order[8 * s + r];
+        if (o < 0) continue;
+        if (o >= p.out) {
+          err.bad_row_order.store(true, std::memory_order_relaxed);
+          continue;
+        }
+        p.y[b * p.out + o] = finish(sums[r], p.scales, p.bias, o);
       }
     }
   });
@@ -111,51 +110,42 @@ template <int TB, typename I, typename V>
 void sell_tiles(const SparseProblem& p, IndexErrors& err) {
   constexpr int NV = TB / 8;
   constexpr int LR = 8 / NV > 0 ? 8 / NV : 1;
-  const I* col = static_cast<const I*>(p.col_idx);
-  const V* val = static_cast<const V*>(p.values);
   const int32_t* order = p.row_order;
   const uint32_t lim = static_cast<uint32_t>(p.in - 1);
   const int64_t tiles = (p.m + TB - 1) / TB;
   Scratch buf(tiles * p.in * TB);
   float* xt = buf.get();
   transpose_tiles(p.x, p.m, p.in, p.in, TB, xt);
-  std::fill(p.y, p.y + p.m * p.out, 0.f);
-  parallel_rows(p.row_ptr, p.n_groups, p.nnz * 8 * p.m, [&](int64_t begin, int64_t end) {
-    for (int64_t s = begin; s < end; ++s) {
-      int64_t k0, n;
-      if (!slice_entries(p, s, err, k0, n)) continue;
-      const I* c = col + 8 * k0;
-      const V* v = val + 8 * k0;
-      if (max_index(c, 8 * n) > lim) {
-        err.bad_col_idx.store(true, std::memory_order_relaxed);
-        continue;
-      }
-      for (int64_t t = 0; t < tiles; ++t) {
-        const float* xtt = xt + t * p.in * TB;
-        for (int r0 = 0; r0 < 8; r0 += LR) {
-          v8f acc[LR][NV];
-          for (int r = 0; r < LR; ++r)
-            for (int q = 0; q < NV; ++q) acc[r][q] = v8f{};
-          for (int64_t k = 0; k < n; ++k) {
+  for_each_slice<I, V>(p, err, [&](int64_t s, const I* c, const V* v, int64_t n) {
+    if (max_index(c, 8 * n) > lim) {
+      err.bad_col_idx.store(true, std::memory_order_relaxed);
+      return;
+    }
+    for (int64_t t = 0; t < tiles; ++t) {
+      const float* xtt = xt + t * p.in * TB;
+      for (int r0 = 0; r0 < 8; r0 += LR) {
+        v8f acc[LR][NV];
+        for (int r = 0; r < LR; ++r)
+          for (int q = 0; q < NV; ++q) acc[r][q] = v8f{};
+        for (int64_t k = 0; k < n; ++k) {
 #pragma GCC unroll 8
-            for (int r = 0; r < LR; ++r) {
-              const float wr = to_float(v[8 * k + r0 + r]);
-              const float* xr = xtt + static_cast<int64_t>(static_cast<std::make_unsigned_t<I>>(c[8 * k + r0 + r])) * TB;
-#pragma GCC unroll 8
-              for (int q = 0; q < NV; ++q) acc[r][q] += wr * load8(xr + 8 * q);
-            }
-          }
           for (int r = 0; r < LR; ++r) {
-            const int64_t o = order[8 * s + r0 + r];
-            if (o < 0) continue;
-            if (o >= p.out) {
-              err.bad_row_order.store(true, std::memory_order_relaxed);
-              continue;
-            }
-            for (int q = 0; q < NV; ++q) {
-              const int64_t b0 = t * TB + 8 * q;
-              for (int j = 0; j < 8 && b0 + j < p.m; ++j) p.y[(b0 + j) * p.out + o] = finish(acc[r][q][j], p.scales, p.bias, o);
-            }
+            const float wr = to_float(v[8 * k + r0 + r]);
+            const float* xr = xtt + static_cast<int64_t>(static_cast<std::make_unsigned_t<I>>(c[8 * k + r0 + r])) * TB;
+#pragma GCC unroll 8
+            for (int q = 0; q < NV; ++q) acc[r][q] += wr * load8(xr + 8 * q);
+          }
+        }
+        for (int r = 0; r < LR; ++r) {
+          const int64_t o = order[8 * s + r0 + r];
+          if (o < 0) continue;
+          if (o >= p.out) {
+            err.bad_row_order.store(true, std::memory_order_relaxed);
+            continue;
+          }
+          for (int q = 0; q < NV; ++q) {
+            const int64_t b0 = t * TB + 8 * q;
+            for (int j = 0; j < 8 && b0 + j < p.m; ++j) p.y[(b0 + j) * p.out + o] = finish(acc[r][q][j], p.scales, p.bias, o);
           }
         }
       }
@@ -166,12 +156,7 @@ void sell_tiles(const SparseProblem& p, IndexErrors& err) {
 template <typename I, typename V>
 void sell_dispatch(const SparseProblem& p, IndexErrors& err) {
   if (p.m == 1) return sell_rows<I, V>(p, err);
-  if (p.m <= 8) return sell_tiles<8, I, V>(p, err);
-  // As CSR's: the widest tile whose [in, TB] floats stay within ~256 KB of L2.
-  const int64_t fit = (256 * 1024 / 4) / std::max<int64_t>(p.in, 1);
-  if (p.m <= 16 || fit < 32) return sell_tiles<16, I, V>(p, err);
-  if (p.m <= 32 || fit < 64) return sell_tiles<32, I, V>(p, err);
-  return sell_tiles<64, I, V>(p, err);
+  with_tile_width(p.m, p.in, [&](auto tb) { sell_tiles<decltype(tb)::value, I, V>(p, err); });
 }
 
 }  // namespace

@@ -169,9 +169,14 @@ def _load_corpus(sources: tuple[Source, ...], min_words: int, max_words: int) ->
     return SentenceSplit(sentences, "train")
 
 
+def _own_sentences() -> list[str]:
+    """graphopt's train and calibration sentences, in file order."""
+    return [*load_sentences("train"), *load_sentences("calibration")]
+
+
 def load_training_sentences(sources: Sequence[Source] = SOURCES) -> SentenceSplit:
     """graphopt's own train and calibration sentences, then `load_corpus` (duplicates dropped)."""
-    own = [*load_sentences("train"), *load_sentences("calibration")]
+    own = _own_sentences()
     seen = set(own)
     return SentenceSplit([*own, *(s for s in load_corpus(tuple(sources)) if s not in seen)], "train")
 
@@ -191,7 +196,7 @@ def recombined_sentences(count: int = 30000, seed: int = 0) -> SentenceSplit:
     (mostly Python documentation) a student matches its teacher there and less well on
     plain English. Duplicates, originals and held-out sentences are never returned.
     """
-    own = [*load_sentences("train"), *load_sentences("calibration")]
+    own = _own_sentences()
     words = [s.split() for s in own if len(s.split()) >= 4]
 
     def splice(rng: random.Random) -> str:
@@ -259,7 +264,7 @@ def substituted_sentences(words: Sequence[str], count: int = 30000, seed: int = 
     if len(words) < keep + 100 or not 0 < rate <= 1:
         raise ValueError(f"substituted_sentences needs at least {keep + 100} words (got {len(words)}) "
                          f"and a rate in (0, 1] (got {rate})")
-    own = [*load_sentences("train"), *load_sentences("calibration")]
+    own = _own_sentences()
     function_words = set(words[:keep])
     pools: dict[str, list[str]] = {suffix: [] for suffix in (*_SUFFIXES, "")}
     for word in words[keep:]:
@@ -303,10 +308,13 @@ def load_training_data(names: Sequence[str], tokenizer: object = None) -> Senten
     unknown = [n for n in names if n not in OWN_DATA and n not in SOURCES]
     if unknown or not names:
         raise ValueError(f"training data must name some of {[*OWN_DATA, *SOURCES]}, got {list(names)}")
-    vocabulary = tokenizer_vocabulary(tokenizer) if "substituted" in names else None
-    if "substituted" in names and not vocabulary:
-        raise ValueError("training data 'substituted' swaps in the tokenizer's words: it needs the "
-                         "tokenizer's vocabulary (a model whose tokenizer has none cannot use it)")
+    words: list[str] = []
+    if "substituted" in names:
+        vocabulary = tokenizer_vocabulary(tokenizer)
+        if not vocabulary:
+            raise ValueError("training data 'substituted' swaps in the tokenizer's words: it needs the "
+                             "tokenizer's vocabulary (a model whose tokenizer has none cannot use it)")
+        words = vocabulary_words(vocabulary)
     sources = tuple(n for n in names if n not in OWN_DATA)
     parts: list[Sequence[str]] = []
     if "sentences" in names:
@@ -315,9 +323,8 @@ def load_training_data(names: Sequence[str], tokenizer: object = None) -> Senten
         parts.append(load_corpus(sources))  # type: ignore[arg-type]
     if "recombined" in names:
         parts.append(recombined_sentences())
-    if "substituted" in names:
-        assert vocabulary is not None
-        parts.append(substituted_sentences(vocabulary_words(vocabulary)))
+    if words:
+        parts.append(substituted_sentences(words))
     seen: set[str] = set()
     merged = [s for part in parts for s in part if not (s in seen or seen.add(s))]
     return SentenceSplit(merged, "train")
