@@ -220,12 +220,6 @@ inline uint32_t max_index(const int32_t* c, int64_t n) {
 }
 
 #ifdef GRAPHOPT_AVX2
-inline __m256i load_idx8(const int16_t* p) {
-  return _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-inline __m256i load_idx8(const int32_t* p) {
-  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-}
 inline __m256 load_val8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load_val8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
@@ -322,6 +316,27 @@ inline v8f reduce8(const v8f v[8]) {
   }
   return r;
 #endif
+}
+
+// x[c[0]], ..., x[c[7]] as a vector, from eight scalar loads; the caller has checked the
+// indices against x's length. Not AVX2's vgatherdps: on Zen 3 that is slower than scalar
+// loads inserted into a vector (0.47 against 0.27 ns a nonzero in a sparse dot product,
+// measured here); int16 indices are read four to a 64-bit load, which frees load slots
+// (0.32 -> 0.27 ns).
+template <typename I>
+inline v8f gather8(const float* x, const I* c) {
+  if constexpr (sizeof(I) == 2) {
+    uint64_t lo, hi;
+    std::memcpy(&lo, c, sizeof lo);
+    std::memcpy(&hi, c + 4, sizeof hi);
+    return v8f{x[static_cast<uint16_t>(lo)], x[static_cast<uint16_t>(lo >> 16)],
+               x[static_cast<uint16_t>(lo >> 32)], x[static_cast<uint16_t>(lo >> 48)],
+               x[static_cast<uint16_t>(hi)], x[static_cast<uint16_t>(hi >> 16)],
+               x[static_cast<uint16_t>(hi >> 32)], x[static_cast<uint16_t>(hi >> 48)]};
+  } else {
+    const uint32_t* u = reinterpret_cast<const uint32_t*>(c);
+    return v8f{x[u[0]], x[u[1]], x[u[2]], x[u[3]], x[u[4]], x[u[5]], x[u[6]], x[u[7]]};
+  }
 }
 
 // Eight values as floats (int8 values converted with one vector instruction).

@@ -1,8 +1,8 @@
 // CSR kernels for y = x W^T (+ b): W [out, in] stored row-wise as (row_ptr, col_idx, values).
 //
 // Two layouts of the same product, picked by batch size:
-//  * batch 1: one sparse dot product per output row, gathering x[col]; with AVX2 eight
-//    nonzeros per gather instruction. x (a few KB) stays in L1.
+//  * batch 1: one sparse dot product per output row, gathering x[col] eight nonzeros at a
+//    time (gather8). x (a few KB) stays in L1.
 //  * batch >= 2: x is transposed once per call into tiles of TB batch rows, [in, TB]; every
 //    nonzero W[o, i] then multiplies one contiguous TB-float row of the tile, so the inner
 //    loop is a broadcast + vector FMA and each weight row is read once per tile.
@@ -46,28 +46,21 @@ inline float dot_scalar(const I* col, const V* val, int64_t k, int64_t n, const 
 }
 
 // Sparse dot product of one (checked) weight row with x, as a vector whose lanes sum to
-// the result.
+// the result: eight nonzeros at a time (gather8), two accumulators so that consecutive FMAs
+// do not wait on each other.
 template <typename I, typename V>
 inline v8f dot_row(const I* col, const V* val, int64_t n, const float* x) {
   int64_t k = 0;
-  v8f r = v8f{};
-#ifdef GRAPHOPT_AVX2
-  if (n >= 8) {
-    // Four accumulators: a gather's latency (~20 cycles), not its throughput, would
-    // otherwise bound the loop.
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    for (; k + 32 <= n; k += 32) {
-      a0 = _mm256_fmadd_ps(load_val8(val + k), _mm256_i32gather_ps(x, load_idx8(col + k), 4), a0);
-      a1 = _mm256_fmadd_ps(load_val8(val + k + 8), _mm256_i32gather_ps(x, load_idx8(col + k + 8), 4), a1);
-      a2 = _mm256_fmadd_ps(load_val8(val + k + 16), _mm256_i32gather_ps(x, load_idx8(col + k + 16), 4), a2);
-      a3 = _mm256_fmadd_ps(load_val8(val + k + 24), _mm256_i32gather_ps(x, load_idx8(col + k + 24), 4), a3);
-    }
-    for (; k + 8 <= n; k += 8)
-      a0 = _mm256_fmadd_ps(load_val8(val + k), _mm256_i32gather_ps(x, load_idx8(col + k), 4), a0);
-    r = (v8f)_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+  v8f a0 = v8f{}, a1 = v8f{};
+  for (; k + 16 <= n; k += 16) {
+    a0 += load8_as_float(val + k) * gather8(x, col + k);
+    a1 += load8_as_float(val + k + 8) * gather8(x, col + k + 8);
   }
-#endif
+  if (k + 8 <= n) {
+    a0 += load8_as_float(val + k) * gather8(x, col + k);
+    k += 8;
+  }
+  v8f r = a0 + a1;
   r[0] += dot_scalar(col, val, k, n, x);
   return r;
 }

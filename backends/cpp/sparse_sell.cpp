@@ -4,8 +4,8 @@
 // Rows are sorted by nonzero count (longest first) and cut into slices of 8; slice s holds
 // its 8 rows side by side, padded with zeros to its longest row: entry k of the slice is 8
 // column indices and 8 values, one per row. So one slice entry is one 8-lane gather of x
-// and one FMA into an accumulator whose lanes *are* the 8 rows: no per-row tail, no
-// horizontal reduction, and 4 independent gathers in flight. It exists for short rows,
+// and one FMA into an accumulator whose lanes *are* the 8 rows: no per-row tail and no
+// horizontal reduction. It exists for short rows,
 // where CSR's per-row work dominates (1536x384 at 90% is ~38 nonzeros a row):
 //  * batch 1: measured 31 us against CSR's 45 us on one core;
 //  * batch >= 2 (sell_tiles): x is transposed into [in, TB] tiles as for CSR, and slice entry
@@ -15,9 +15,9 @@
 //    nonzeros against 62 us for as many on 384x1536's 4x longer rows).
 //
 // row_order[8 s + r] is the output row of lane r of slice s, or -1 for the padding lanes of
-// the last slice. Index checks are folded into the loop (a running unsigned max per lane,
-// checked once per slice; the index used is clamped), so malformed data gives an error
-// and never an out-of-bounds read, without a separate pass over each row.
+// the last slice. Each slice's column indices are checked (one vectorised max over data the
+// slice then reads from L1) before it is used, so malformed data gives an error and never an
+// out-of-bounds read.
 #include "sparse_common.h"
 
 namespace graphopt {
@@ -51,45 +51,21 @@ void sell_rows(const SparseProblem& p, IndexErrors& err) {
   const int32_t* order = p.row_order;
   const uint32_t lim = static_cast<uint32_t>(p.in - 1);
   for_each_slice<I, V>(p, err, [&](int64_t s, const I* c, const V* v, int64_t n) {
+    if (max_index(c, 8 * n) > lim) {
+      err.bad_col_idx.store(true, std::memory_order_relaxed);
+      return;
+    }
     for (int64_t b = 0; b < p.m; ++b) {
       const float* xb = p.x + b * p.in;
-      v8f sums;
-      uint32_t seen = 0;
-#ifdef GRAPHOPT_AVX2
-      const __m256i limv = _mm256_set1_epi32(static_cast<int>(lim));
-      __m256i hi = _mm256_setzero_si256();
-      // Four accumulators: a gather's latency (~20 cycles), not its throughput, would
-      // otherwise bound the loop on long slices.
-      __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      // Two accumulators so that consecutive FMAs do not wait on each other.
+      v8f a0 = v8f{}, a1 = v8f{};
       int64_t k = 0;
-      for (; k + 4 <= n; k += 4) {
-#pragma GCC unroll 4
-        for (int u = 0; u < 4; ++u) {
-          const __m256i i = load_idx8(c + 8 * (k + u));
-          hi = _mm256_max_epu32(hi, i);
-          a[u] = _mm256_fmadd_ps(load_val8(v + 8 * (k + u)),
-                                 _mm256_i32gather_ps(xb, _mm256_min_epu32(i, limv), 4), a[u]);
-        }
+      for (; k + 2 <= n; k += 2) {
+        a0 += load8_as_float(v + 8 * k) * gather8(xb, c + 8 * k);
+        a1 += load8_as_float(v + 8 * k + 8) * gather8(xb, c + 8 * k + 8);
       }
-      for (int u = 0; k < n; ++k, ++u) {
-        const __m256i i = load_idx8(c + 8 * k);
-        hi = _mm256_max_epu32(hi, i);
-        a[u] = _mm256_fmadd_ps(load_val8(v + 8 * k), _mm256_i32gather_ps(xb, _mm256_min_epu32(i, limv), 4), a[u]);
-      }
-      sums = (v8f)_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
-      alignas(32) uint32_t lanes[8];
-      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), hi);
-      for (int r = 0; r < 8; ++r) seen = std::max(seen, lanes[r]);
-#else
-      sums = v8f{};
-      for (int64_t k = 0; k < n; ++k)
-        for (int r = 0; r < 8; ++r) {
-          const uint32_t i = static_cast<uint32_t>(static_cast<std::make_unsigned_t<I>>(c[8 * k + r]));
-          seen = std::max(seen, i);
-          sums[r] += to_float(v[8 * k + r]) * xb[std::min(i, lim)];
-        }
-#endif
-      if (seen > lim) err.bad_col_idx.store(true, std::memory_order_relaxed);
+      if (k < n) a0 += load8_as_float(v + 8 * k) * gather8(xb, c + 8 * k);
+      const v8f sums = a0 + a1;
       for (int r = 0; r < 8; ++r) {
         const int64_t o = order[8 * s + r];
         if (o < 0) continue;
