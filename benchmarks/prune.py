@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--output-weight", type=float, default=5.0)
     r.add_argument("--hidden-weight", type=float, default=0.2)
     r.add_argument("--cache", type=Path, help="keep pruned weights here; a later run reuses them (no training)")
-    r.add_argument("--data", nargs="+", default=["sentences", "recombined", "substituted", "pydoc"])
+    r.add_argument("--data", nargs="+", default=["sentences", "written", "recombined", "substituted", "pydoc"])
     r.add_argument("--int8", action="store_true", help="also lower to cpp with int8 values")
     r.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)

@@ -47,7 +47,7 @@ __all__ = ["DistillationPass"]
 
 logger = logging.getLogger(__name__)
 
-_DATA = ("sentences", "recombined", "substituted", *SOURCES)
+_DATA = ("sentences", "written", "recombined", "substituted", *SOURCES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,9 +58,10 @@ class DistillOptions(TrainingOptions):
     (0 leaves a term out). temperature: Hinton's T. similarity_temperature: τ of the in-batch
     cosine logits. logits: "similarity" (sentence encoders) or "output" (a head's logits).
     hidden_metric, output_metric: "mse" or "cosine". layer_map: teacher layer per student layer
-    (empty: uniform). data: "sentences" (graphopt's train and calibration splits), "recombined"
-    (new sentences spliced from those), "substituted" (those with words swapped for the
-    tokenizer's) and corpus sources. dropout: train the student with its dropout on. evaluate:
+    (empty: uniform). data: "sentences" (graphopt's train and calibration splits), "written"
+    (training-only sentences written for graphopt), "recombined" (new sentences spliced from
+    those), "substituted" (those with words swapped for the tokenizer's) and corpus sources.
+    dropout: train the student with its dropout on. evaluate:
     score the student on held-out sentences before and after (evaluation only: never trained on). The defaults are
     the weights and schedule measured best for MiniLM 6 -> 3 (see recipes/distill-3layer.toml)."""
 

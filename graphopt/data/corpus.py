@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
-from graphopt.data import SentenceSplit, _heldout_set, assert_not_heldout, load_sentences
+from graphopt.data import SentenceSplit, _all_sentences, _data_lines, _heldout_set, assert_not_heldout, load_sentences
 
 __all__ = [
     "SOURCES",
@@ -51,6 +51,7 @@ __all__ = [
     "load_corpus",
     "load_training_data",
     "load_training_sentences",
+    "load_written_sentences",
     "recombined_sentences",
     "split_sentences",
     "substituted_sentences",
@@ -174,6 +175,51 @@ def _own_sentences() -> list[str]:
     return [*load_sentences("train"), *load_sentences("calibration")]
 
 
+#: A written sentence may share less than this fraction of its words (Jaccard, lower case)
+#: with any held-out sentence: a near-paraphrase of one would leak it into training.
+_MAX_HELDOUT_OVERLAP = 0.4
+_WORDS = re.compile(r"[a-z']+")
+
+
+def _word_set(sentence: str) -> frozenset[str]:
+    return frozenset(_WORDS.findall(sentence.lower()))
+
+
+@functools.lru_cache(maxsize=1)
+def load_written_sentences() -> SentenceSplit:
+    """About 3,000 plain-English sentences written for graphopt as training text only
+    (``graphopt/data/written.txt``), in file order.
+
+    Everyday, science, history, work, health and hobby topics in many sentence shapes
+    (statements, questions, instructions, first-person narratives): the register of graphopt's
+    held-out sentences, which the shipped corpus (mostly Python documentation) lacks. They are
+    not part of the calibration/train/held-out split of ``sentences.txt``: none is a line of
+    it, and none shares 40% or more of its words with a held-out sentence (checked here on
+    every load, so an edit to either file cannot leak held-out text into training).
+
+    Raises:
+        ValueError: a duplicate line, a line of ``sentences.txt``, or a near-copy of a held-out
+            sentence.
+    """
+    written = [line.strip() for line in _data_lines("written.txt")]
+    if len(set(written)) != len(written):
+        raise ValueError("graphopt/data/written.txt has duplicate lines; remove them")
+    shared = set(written) & set(_all_sentences())
+    if shared:
+        raise ValueError(f"graphopt/data/written.txt repeats sentences.txt: {sorted(shared)[:3]}")
+    heldout = [_word_set(h) for h in _heldout_set()]
+    for sentence in written:
+        words = _word_set(sentence)
+        if any(len(words & h) >= _MAX_HELDOUT_OVERLAP * len(words | h) for h in heldout):
+            raise ValueError(f"graphopt/data/written.txt: {sentence!r} is too close to a held-out sentence")
+    return SentenceSplit(written, "train")
+
+
+def _frame_sentences() -> list[str]:
+    """The sentences new ones are made from: graphopt's own (`_own_sentences`), then the written ones."""
+    return [*_own_sentences(), *load_written_sentences()]
+
+
 def load_training_sentences(sources: Sequence[Source] = SOURCES) -> SentenceSplit:
     """graphopt's own train and calibration sentences, then `load_corpus` (duplicates dropped)."""
     own = _own_sentences()
@@ -187,16 +233,17 @@ def corpus_digest(sentences: Sequence[str]) -> str:
 
 
 def recombined_sentences(count: int = 30000, seed: int = 0) -> SentenceSplit:
-    """New sentences spliced from graphopt's train and calibration sentences.
+    """New sentences spliced from graphopt's train, calibration and written sentences
+    (`load_written_sentences`).
 
     Each one is the start of one sentence (2 or more words) followed by the end of another
     (1 or more words), cut at word boundaries with a seeded generator: the same everyday and
     science vocabulary and sentence shapes as graphopt's own text, in combinations the
-    ~325 originals do not have. Distillation needs that text: trained on the shipped corpus
+    ~6,300 originals do not have. Distillation needs that text: trained on the shipped corpus
     (mostly Python documentation) a student matches its teacher there and less well on
     plain English. Duplicates, originals and held-out sentences are never returned.
     """
-    own = _own_sentences()
+    own = _frame_sentences()
     words = [s.split() for s in own if len(s.split()) >= 4]
 
     def splice(rng: random.Random) -> str:
@@ -227,7 +274,8 @@ def _new_sentences(make: Callable[[random.Random], str], own: Sequence[str], cou
 #: Word endings that mark a word's likely role (verb forms, adverbs, plurals); a word is
 #: replaced only by one with the same ending, which keeps most sentences grammatical.
 _SUFFIXES = ("ing", "ed", "ly", "s")
-_WORD_IN_TEXT = re.compile(r"^([\"'(]*)([A-Za-z]+)([^A-Za-z]*)$")
+# A word with its quotes and punctuation; only punctuation may follow it ("café" is no "caf").
+_WORD_IN_TEXT = re.compile(r"^([\"'(]*)([A-Za-z]+)(\W*)$")
 
 
 def _suffix_class(word: str) -> str:
@@ -247,7 +295,7 @@ def vocabulary_words(vocabulary: Mapping[str, int], limit: int = 10000) -> list[
 
 def substituted_sentences(words: Sequence[str], count: int = 30000, seed: int = 0, rate: float = 0.3,
                           keep: int = 200) -> SentenceSplit:
-    """New sentences made from graphopt's train and calibration sentences by swapping words.
+    """New sentences made from graphopt's train, calibration and written sentences by swapping words.
 
     Each content word (one not among the ``keep`` most common of ``words``, which are the
     function words) is replaced with probability ``rate`` by a random word of ``words`` with
@@ -264,7 +312,7 @@ def substituted_sentences(words: Sequence[str], count: int = 30000, seed: int = 
     if len(words) < keep + 100 or not 0 < rate <= 1:
         raise ValueError(f"substituted_sentences needs at least {keep + 100} words (got {len(words)}) "
                          f"and a rate in (0, 1] (got {rate})")
-    own = _own_sentences()
+    own = _frame_sentences()
     function_words = set(words[:keep])
     pools: dict[str, list[str]] = {suffix: [] for suffix in (*_SUFFIXES, "")}
     for word in words[keep:]:
@@ -284,7 +332,7 @@ def substituted_sentences(words: Sequence[str], count: int = 30000, seed: int = 
 
 
 #: Training-data names beside the corpus sources.
-OWN_DATA = ("sentences", "recombined", "substituted")
+OWN_DATA = ("sentences", "written", "recombined", "substituted")
 
 
 def tokenizer_vocabulary(tokenizer: object) -> Mapping[str, int] | None:
@@ -298,7 +346,7 @@ def tokenizer_vocabulary(tokenizer: object) -> Mapping[str, int] | None:
 
 def load_training_data(names: Sequence[str], tokenizer: object = None) -> SentenceSplit:
     """The training text a recipe names: ``"sentences"`` (graphopt's train and calibration splits),
-    corpus sources, ``"recombined"`` (`recombined_sentences`) and ``"substituted"``
+    ``"written"`` (`load_written_sentences`), corpus sources, ``"recombined"`` (`recombined_sentences`) and ``"substituted"``
     (`substituted_sentences` over the words of the ``tokenizer``'s vocabulary), in that order,
     duplicates dropped; never held-out sentences.
 
@@ -321,6 +369,8 @@ def load_training_data(names: Sequence[str], tokenizer: object = None) -> Senten
         parts.append(load_training_sentences(sources))  # type: ignore[arg-type]
     elif sources:
         parts.append(load_corpus(sources))  # type: ignore[arg-type]
+    if "written" in names:
+        parts.append(load_written_sentences())
     if "recombined" in names:
         parts.append(recombined_sentences())
     if words:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 
 from graphopt.data import load_sentences
-from graphopt.data.corpus import (_load_corpus, _suffix_class, corpus_digest, is_english_sentence, load_corpus,
-                                  load_training_data, load_training_sentences, recombined_sentences,
-                                  split_sentences, substituted_sentences, tokenizer_vocabulary,
-                                  vocabulary_words)
+from graphopt.data import corpus
+from graphopt.data.corpus import (_frame_sentences, _load_corpus, _suffix_class, corpus_digest, is_english_sentence,
+                                  load_corpus, load_training_data, load_training_sentences, load_written_sentences,
+                                  recombined_sentences, split_sentences, substituted_sentences,
+                                  tokenizer_vocabulary, vocabulary_words)
 
 
 def test_split_sentences_folds_whitespace_and_splits_on_full_stops() -> None:
@@ -49,8 +50,38 @@ def test_training_sentences_start_with_graphopts_own() -> None:
     assert list(sentences[:len(own)]) == own and len(set(sentences)) == len(sentences)
 
 
+def test_written_sentences_are_english_training_text_apart_from_the_split() -> None:
+    written = load_written_sentences()
+    assert written.split == "train" and len(written) > 5000 and len(set(written)) == len(written)
+    assert all(is_english_sentence(s) for s in written)
+    split_text = {*load_sentences("train"), *load_sentences("calibration"), *load_sentences("heldout")}
+    assert not set(written) & split_text
+    data = load_training_data(["written"])
+    assert list(data) == list(written)
+
+
+def test_written_sentences_refuse_a_near_copy_of_a_heldout_sentence(monkeypatch: pytest.MonkeyPatch) -> None:
+    heldout = sorted(load_sentences("heldout"))[0]
+    words = heldout.split()
+    near_copy = " ".join([*words[:-1], "today" if words[-1] != "today." else "now"]) + "."
+    lines = [*load_written_sentences()[:10], near_copy]
+    load_written_sentences.cache_clear()
+    monkeypatch.setattr(corpus, "_data_lines", lambda name: lines)
+    try:
+        with pytest.raises(ValueError, match="too close to a held-out sentence"):
+            load_written_sentences()
+        monkeypatch.setattr(corpus, "_data_lines", lambda name: lines[:10] + lines[:1])
+        with pytest.raises(ValueError, match="duplicate lines"):
+            load_written_sentences()
+        monkeypatch.setattr(corpus, "_data_lines", lambda name: [*lines[:10], heldout])
+        with pytest.raises(ValueError, match="repeats sentences.txt"):
+            load_written_sentences()
+    finally:
+        load_written_sentences.cache_clear()
+
+
 def test_recombined_sentences_are_new_splices_of_graphopts_own() -> None:
-    own = [*load_sentences("train"), *load_sentences("calibration")]
+    own = _frame_sentences()
     made = recombined_sentences(count=2000, seed=3)
     assert made.split == "train" and len(made) == 2000 and len(set(made)) == 2000
     assert not set(made) & set(own) and not set(made) & set(load_sentences("heldout"))
@@ -81,7 +112,7 @@ def _content_word(token: str) -> str:
 
 
 def test_substituted_sentences_swap_content_words_for_vocabulary_words_of_the_same_ending() -> None:
-    own = [*load_sentences("train"), *load_sentences("calibration")]
+    own = _frame_sentences()
     function_words = ["the", "a", "of", "and", "is", "in", "to", "it"]
     pool = [f"word{n}{suffix}" for n in range(80) for suffix in ("", "ing", "ed", "ly", "s")]
     words = [*function_words, *pool]
