@@ -29,7 +29,7 @@ from typing import Any, Literal
 from torch import nn
 
 from graphopt import registry
-from graphopt.data.corpus import SOURCES, corpus_digest, load_training_data
+from graphopt.data.corpus import corpus_digest, load_training_data
 from graphopt.distill import (
     AttentionLoss,
     DistillationLoss,
@@ -47,7 +47,7 @@ __all__ = ["DistillationPass"]
 
 logger = logging.getLogger(__name__)
 
-_DATA = ("sentences", "written", "recombined", "substituted", *SOURCES)
+_DATA = ("sentences", "written", "recombined", "substituted")
 
 
 @dataclasses.dataclass(frozen=True)
