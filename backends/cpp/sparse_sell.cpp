@@ -5,9 +5,9 @@
 // its 8 rows side by side, padded with zeros to its longest row: entry k of the slice is 8
 // column indices and 8 values, one per row. So one slice entry is one 8-lane gather of x
 // and one FMA into an accumulator whose lanes *are* the 8 rows: no per-row tail and no
-// horizontal reduction. It exists for short rows,
-// where CSR's per-row work dominates (1536x384 at 90% is ~38 nonzeros a row):
-//  * batch 1: measured 31 us against CSR's 45 us on one core;
+// horizontal reduction. It exists for short rows, where CSR's per-row work dominates
+// (1536x384 at 90% is ~38 nonzeros a row):
+//  * batch 1: measured 23 us against CSR's 35 us on one core (standalone harness);
 //  * batch >= 2 (sell_tiles): x is transposed into [in, TB] tiles as for CSR, and slice entry
 //    k adds v[k][r] * xt[c[k][r], 8q:8q+8] into row r's accumulator: 8 independent FMA chains
 //    per 8 batch columns, no per-row reduction, tail or FMA-latency stall. CSR instead pays
