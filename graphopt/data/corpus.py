@@ -22,6 +22,12 @@ removed, then refused by ``assert_not_heldout``. The text is stable for one Pyth
 and OS image; across versions it differs, so record the corpus size and digest
 (`corpus_digest`) with any result.
 
+Beside the corpus, training text of graphopt's own (`load_training_data` names them all):
+the train and calibration splits of ``sentences.txt``, the training-only sentences of
+``written.txt`` (`load_written_sentences`), and sentences made from both
+(`recombined_sentences`, `substituted_sentences`). For plain-English targets these matter
+more than the corpus, which is mostly Python documentation (see recipes/distill-3layer.toml).
+
 Example::
 
     sentences = load_corpus()            # tens of thousands of sentences, split "train"
@@ -187,7 +193,7 @@ def _word_set(sentence: str) -> frozenset[str]:
 
 @functools.lru_cache(maxsize=1)
 def load_written_sentences() -> SentenceSplit:
-    """About 3,000 plain-English sentences written for graphopt as training text only
+    """About 9,000 plain-English sentences written for graphopt as training text only
     (``graphopt/data/written.txt``), in file order.
 
     Everyday, science, history, work, health and hobby topics in many sentence shapes
@@ -239,7 +245,7 @@ def recombined_sentences(count: int = 30000, seed: int = 0) -> SentenceSplit:
     Each one is the start of one sentence (2 or more words) followed by the end of another
     (1 or more words), cut at word boundaries with a seeded generator: the same everyday and
     science vocabulary and sentence shapes as graphopt's own text, in combinations the
-    ~6,300 originals do not have. Distillation needs that text: trained on the shipped corpus
+    ~9,350 originals do not have. Distillation needs that text: trained on the shipped corpus
     (mostly Python documentation) a student matches its teacher there and less well on
     plain English. Duplicates, originals and held-out sentences are never returned.
     """
