@@ -25,20 +25,25 @@ namespace {
 
 using namespace detail;
 
-// Runs f(s, c, v, n) for each slice s with a valid slice pointer (its n entries start at
-// column indices c and values v), over balanced slice ranges; a bad pointer is recorded and
-// its slice skipped. y is zeroed first, so lanes no slice writes (a corrupt row_order) stay
-// defined.
+// Runs f(s, c, v, n) for each slice s with a valid slice pointer and column indices below
+// p.in (its n entries start at column indices c and values v), over balanced slice ranges; a
+// bad pointer or index is recorded and its slice skipped. y is zeroed first, so lanes no slice
+// writes (a skipped slice, a corrupt row_order) stay defined.
 template <typename I, typename V, typename F>
 void for_each_slice(const SparseProblem& p, IndexErrors& err, const F& f) {
   const I* col = static_cast<const I*>(p.col_idx);
   const V* val = static_cast<const V*>(p.values);
+  const uint32_t lim = static_cast<uint32_t>(p.in - 1);
   std::fill(p.y, p.y + p.m * p.out, 0.f);
   parallel_rows(p.row_ptr, p.n_groups, p.nnz * 8 * p.m, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) {
       const int64_t k0 = p.row_ptr[s], k1 = p.row_ptr[s + 1];
       if (k0 < 0 || k0 > k1 || k1 > p.nnz) {
         err.bad_row_ptr.store(true, std::memory_order_relaxed);
+        continue;
+      }
+      if (max_index(col + 8 * k0, 8 * (k1 - k0)) > lim) {
+        err.bad_col_idx.store(true, std::memory_order_relaxed);
         continue;
       }
       f(s, col + 8 * k0, val + 8 * k0, k1 - k0);
@@ -49,12 +54,7 @@ void for_each_slice(const SparseProblem& p, IndexErrors& err, const F& f) {
 template <typename I, typename V>
 void sell_rows(const SparseProblem& p, IndexErrors& err) {
   const int32_t* order = p.row_order;
-  const uint32_t lim = static_cast<uint32_t>(p.in - 1);
   for_each_slice<I, V>(p, err, [&](int64_t s, const I* c, const V* v, int64_t n) {
-    if (max_index(c, 8 * n) > lim) {
-      err.bad_col_idx.store(true, std::memory_order_relaxed);
-      return;
-    }
     for (int64_t b = 0; b < p.m; ++b) {
       const float* xb = p.x + b * p.in;
       // Two accumulators so that consecutive FMAs do not wait on each other.
@@ -87,16 +87,11 @@ void sell_tiles(const SparseProblem& p, IndexErrors& err) {
   constexpr int NV = TB / 8;
   constexpr int LR = 8 / NV > 0 ? 8 / NV : 1;
   const int32_t* order = p.row_order;
-  const uint32_t lim = static_cast<uint32_t>(p.in - 1);
   const int64_t tiles = (p.m + TB - 1) / TB;
   Scratch buf(tiles * p.in * TB);
   float* xt = buf.get();
   transpose_tiles(p.x, p.m, p.in, p.in, TB, xt);
   for_each_slice<I, V>(p, err, [&](int64_t s, const I* c, const V* v, int64_t n) {
-    if (max_index(c, 8 * n) > lim) {
-      err.bad_col_idx.store(true, std::memory_order_relaxed);
-      return;
-    }
     for (int64_t t = 0; t < tiles; ++t) {
       const float* xtt = xt + t * p.in * TB;
       for (int r0 = 0; r0 < 8; r0 += LR) {
