@@ -150,8 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--max-length", type=int, default=32)
     r.add_argument("--output-weight", type=float, default=5.0)
     r.add_argument("--hidden-weight", type=float, default=0.2)
+    r.add_argument("--criterion", choices=["magnitude", "activation"], default="magnitude",
+                   help="magnitude: gradual schedule; activation: pruned once on activations with refit, then trained")
     r.add_argument("--cache", type=Path, help="keep pruned weights here; a later run reuses them (no training)")
-    r.add_argument("--data", nargs="+", default=["sentences", "written", "recombined", "substituted", "pydoc"])
+    r.add_argument("--data", nargs="+", default=["sentences", "written", "recombined", "substituted"])
     r.add_argument("--int8", action="store_true", help="also lower to cpp with int8 values")
     r.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
@@ -231,7 +233,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         options = dict(sparsity=float(sparsity), pattern=pattern or "unstructured", steps=args.steps,
                        prune_every=args.prune_every, prune_until=args.prune_until, batch_size=args.batch_size,
                        lr=args.lr, max_length=args.max_length, data=tuple(args.data), output=args.output_weight,
-                       hidden=args.hidden_weight, evaluate=False)
+                       hidden=args.hidden_weight, criterion=args.criterion, evaluate=False)
         program, notes = _pruned(bundle, prune(**options), args.cache, spec)
         row: dict = {"config": spec, "options": options, "train_wall_s": notes["train"]["wall_s"],
                      "sparsity": notes["overall_sparsity"]}

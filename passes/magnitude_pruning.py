@@ -1,4 +1,4 @@
-"""Prune Linear weights by magnitude: nn.Linear(W) -> nn.Linear(W ⊙ M), M a fixed 0/1 mask per layer.
+"""Prune Linear weights: nn.Linear(W) -> nn.Linear(W' ⊙ M), M a fixed 0/1 mask per layer.
 
 Invariant: lossy. Each selected ``nn.Linear`` (fnmatch globs over module names; embeddings
 are ``nn.Embedding`` and never match) ends with exactly ``round(s·n)`` of its weights (of its
@@ -10,13 +10,22 @@ names and dtypes are unchanged. The mask, pattern and sparsity of each layer go 
 initializers) and the ``cpp`` backend (sparse kernels) read; the notes give each layer's
 sparsity and pattern, the schedule, training and held-out agreement with the dense model.
 
-``steps = 0`` prunes once. ``steps > 0`` prunes gradually on Zhu & Gupta's cubic schedule,
+``criterion = "magnitude"`` scores weights by ``|w|``; ``"activation"`` by ``|w|·√E[x²]`` of
+their input on calibration sentences, layer after layer through the model pruned so far, and
+(``refit``) re-solves each layer's kept weights by least squares so that its outputs on those
+inputs stay closest to the dense layer's (``graphopt.sparsity.prune_layerwise``); W' is then the
+refit weight, otherwise W. Activation pruning happens once, at the final sparsity, before any
+training: distillation then trains with the masks fixed (measured better than a gradual
+magnitude schedule at 90% on MiniLM, see ``prune_layerwise``).
+
+``steps = 0`` prunes once. ``steps > 0`` with the magnitude criterion prunes gradually on Zhu & Gupta's cubic schedule,
 from ``initial_sparsity`` to ``sparsity`` every ``prune_every`` steps until ``prune_until``
 of the steps, distilling from the dense model (kept as ``program.teacher``) through the shared
 trainer, whose after-step hook re-applies the masks so pruned weights stay zero. A later
 training pass that does not re-apply them would fill the zeros back in: prune last.
 
-Preconditions: kind ``module``; a selected layer; a tokenizer when ``steps > 0``.
+Preconditions: kind ``module``; a selected layer; a tokenizer when ``steps > 0`` or the criterion
+is ``"activation"``.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import logging
+import random
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -44,7 +54,14 @@ from graphopt.errors import PassError, PreconditionError
 from graphopt.evaluate import embed, heldout_agreement, module_embedder
 from graphopt.pass_base import Pass, PassResult
 from graphopt.program import Program
-from graphopt.sparsity import SPARSITY_KEY, Pattern, PruningHook, mask_sparsity, pruning_schedule
+from graphopt.sparsity import (
+    SPARSITY_KEY,
+    Pattern,
+    PruningHook,
+    mask_sparsity,
+    prune_layerwise,
+    pruning_schedule,
+)
 from graphopt.train import TrainingOptions, TrainProgress, train
 
 __all__ = ["MagnitudePruningPass"]
@@ -57,7 +74,11 @@ logger = logging.getLogger(__name__)
 class PruneOptions(TrainingOptions):
     """Args: sparsity: final fraction removed (an N:M pattern needs exactly 1 − N/M). pattern:
     "unstructured", a block "RxC" ("1x8", "4x4", "16x1") or "N:M" ("2:4"). scope: "layer" or
-    "global" (one threshold over all selected layers). layers, exclude: fnmatch globs over
+    "global" (one threshold over all selected layers). criterion: "magnitude" (|w|) or
+    "activation" (|w|·√E[x²] on calibration sentences, layer by layer, once at the final
+    sparsity; scope "layer" only). refit: with "activation", re-solve the kept weights by least
+    squares on the calibration inputs. calibration_sentences: how many training sentences
+    (drawn with the seed from ``data``) calibrate "activation". layers, exclude: fnmatch globs over
     nn.Linear names. steps: trainer steps (0: prune once, no training). initial_sparsity,
     prune_every, prune_until: the cubic schedule (final sparsity at prune_until × steps, masks
     fixed after). batch_size, lr, warmup_steps, weight_decay, grad_clip, seed, max_length,
@@ -69,6 +90,9 @@ class PruneOptions(TrainingOptions):
     sparsity: float = 0.9
     pattern: str = "unstructured"
     scope: Literal["layer", "global"] = "layer"
+    criterion: Literal["magnitude", "activation"] = "magnitude"
+    refit: bool = True
+    calibration_sentences: int = 256
     layers: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     steps: int = 0
@@ -102,6 +126,11 @@ class PruneOptions(TrainingOptions):
             (self.prune_every >= 1, f"prune_every must be >= 1, got {self.prune_every}"),
             (0.0 <= self.prune_until <= 1.0, f"prune_until must be in [0, 1], got {self.prune_until}"),
             (bool(self.layers), "layers needs at least one glob (\"*\" for every nn.Linear)"),
+            (self.criterion in ("magnitude", "activation"),
+             f"criterion must be \"magnitude\" or \"activation\", got {self.criterion!r}"),
+            (self.criterion != "activation" or self.scope == "layer",
+             "criterion \"activation\" prunes layer by layer: scope = \"layer\""),
+            (self.calibration_sentences >= 1, f"calibration_sentences must be >= 1, got {self.calibration_sentences}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -144,24 +173,36 @@ class MagnitudePruningPass(Pass):
             raise PreconditionError(f"prune: steps = {self.options.steps} distils on sentences and needs a text "
                                     f"model with a tokenizer (model {program.info.get('model')!r} has none); "
                                     "use steps = 0 to prune once")
+        if self.options.criterion == "activation" and program.tokenizer is None:
+            raise PreconditionError("prune: criterion = \"activation\" calibrates on sentences and needs a text "
+                                    f"model with a tokenizer (model {program.info.get('model')!r} has none); "
+                                    "use criterion = \"magnitude\"")
 
     def call(self, program: Program) -> PassResult:
         o, names = self.options, self._select(program.ir)
-        schedule = pruning_schedule(o.steps, o.sparsity, initial=o.initial_sparsity, every=o.prune_every,
-                                    until=o.prune_until)
-        hook = PruningHook(names, pattern=o.pattern, scope=o.scope, schedule=schedule)
         evaluate = o.evaluate and program.tokenizer is not None
         dense = _embeddings(program.ir, program.tokenizer) if evaluate else None
         notes: dict[str, Any] = {"pattern": str(Pattern.parse(o.pattern)), "scope": o.scope,
-                                 "target_sparsity": o.sparsity}
-        if o.steps:
-            teacher = keep_teacher(program)
-            if dense is not None:  # what pruning at once would have cost, for comparison
-                one_shot = PruningHook(names, pattern=o.pattern, scope=o.scope)
+                                 "target_sparsity": o.sparsity, "criterion": o.criterion}
+        teacher = keep_teacher(program) if o.steps else None
+        needs_text = o.steps or o.criterion == "activation"
+        sentences = load_training_data(o.data, program.tokenizer) if needs_text else None
+        if o.criterion == "activation":
+            hook = PruningHook(names, pattern=o.pattern, scope=o.scope,
+                               masks=self._prune_on_activations(program, names, sentences))
+            hook.history.append((0, o.sparsity))
+            notes["calibration"] = {"sentences": min(o.calibration_sentences, len(sentences)), "refit": o.refit}
+            if dense is not None and o.steps:
+                notes["heldout_vs_dense_one_shot"] = _agreement(program.ir, program.tokenizer, dense)
+        else:
+            schedule = pruning_schedule(o.steps, o.sparsity, initial=o.initial_sparsity, every=o.prune_every,
+                                        until=o.prune_until)
+            hook = PruningHook(names, pattern=o.pattern, scope=o.scope, schedule=schedule)
+            if dense is not None and o.steps:  # what pruning at once would have cost, for comparison
                 clone = program.clone()
-                one_shot.prune(clone.ir, o.sparsity)
+                PruningHook(names, pattern=o.pattern, scope=o.scope).prune(clone.ir, o.sparsity)
                 notes["heldout_vs_dense_one_shot"] = _agreement(clone.ir, program.tokenizer, dense)
-            sentences = load_training_data(self.options.data, program.tokenizer)
+        if o.steps:
             result = train(program.ir, teacher, sentences, o.loss(), o.train_config(),
                            tokenizer=program.tokenizer, hooks=[hook], progress=self.train_progress)
             notes["train"] = result.as_dict()
@@ -178,6 +219,17 @@ class MagnitudePruningPass(Pass):
         logger.info("prune: %d layers at %s sparsity %.3f (%s)", len(names), notes["pattern"],
                     notes["overall_sparsity"], o.scope)
         return PassResult(program, o.sparsity > 0, notes)
+
+    def _prune_on_activations(self, program: Program, names: list[str], sentences: Any) -> dict[str, Any]:
+        o = self.options
+        chosen = random.Random(o.seed).sample(list(sentences), min(o.calibration_sentences, len(sentences)))
+        batches = [program.tokenizer(chosen[i:i + 32], max_length=o.max_length) for i in range(0, len(chosen), 32)]
+
+        def progress(done: int, total: int, name: str) -> None:
+            logger.info("prune: layer %d/%d (%s) pruned on activations", done, total, name)
+
+        return prune_layerwise(program.ir, names, o.sparsity, batches, pattern=o.pattern, refit=o.refit,
+                               progress=progress)
 
     def _annotate(self, program: Program, hook: PruningHook) -> dict[str, Any]:
         rows: dict[str, Any] = {}

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
-from graphopt.sparsity import (KernelTable, Pattern, PruningHook, apply_masks, cubic_sparsity,
-                               global_magnitude_masks, magnitude_mask, mask_sparsity, pruning_schedule,
-                               stored_density)
+from graphopt.sparsity import (KernelTable, Pattern, PruningHook, activation_mask, apply_masks, cubic_sparsity,
+                               global_magnitude_masks, magnitude_mask, mask_sparsity, prune_layerwise,
+                               pruning_schedule, refit_kept_weights, stored_density)
 
 
 def _weight(out: int = 96, inp: int = 64, seed: int = 0) -> torch.Tensor:
@@ -145,3 +147,67 @@ def test_kernel_table_picks_the_fastest_format_or_dense() -> None:
     assert table.choose(magnitude_mask(w, 0.9), rows=1).format == "dense"  # no sparse timing at 1 row
     unknown = table.choose(magnitude_mask(_weight(8, 8), 0.9), rows=16)
     assert unknown.format == "dense" and "no timing" in unknown.reason
+
+
+def test_activation_mask_ranks_by_weight_times_input_scale() -> None:
+    weight = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    # Input 3 is nearly silent: its large weight matters least.
+    second_moment = torch.diag(torch.tensor([16.0, 4.0, 1.0, 1e-4], dtype=torch.float64))
+    assert activation_mask(weight, second_moment, 0.5).tolist() == [[True, True, False, False]]
+    with pytest.raises(ValueError, match=r"\[in, in\]"):
+        activation_mask(weight, torch.eye(3), 0.5)
+
+
+def test_refit_solves_least_squares_on_the_kept_weights() -> None:
+    gen = torch.Generator().manual_seed(0)
+    # Correlated inputs (rank ~6 of 12): a kept weight can stand in for a removed one.
+    x = torch.randn(2000, 6, generator=gen, dtype=torch.float64) @ torch.randn(6, 12, generator=gen, dtype=torch.float64)
+    x += 0.05 * torch.randn(2000, 12, generator=gen, dtype=torch.float64)
+    weight = torch.randn(5, 12, generator=gen)
+    mask = magnitude_mask(weight, 0.5)
+    sigma = x.T @ x / x.shape[0]
+    fitted = refit_kept_weights(weight, sigma, mask, damping=0.0)
+    assert bool((fitted[~mask] == 0).all())
+    reference = x @ weight.double().T
+    for row in range(5):  # the normal equations of each row's least-squares problem
+        kept = mask[row].nonzero().squeeze(1)
+        expected = torch.linalg.lstsq(x[:, kept], reference[:, row:row + 1]).solution.squeeze(1)
+        torch.testing.assert_close(fitted[row, kept].double(), expected, rtol=1e-4, atol=1e-5)
+    error = lambda w: float(((x @ w.double().T - reference) ** 2).mean())  # noqa: E731
+    assert error(fitted) < 0.2 * error(weight * mask)
+    # Nothing removed: the refit returns the weight.
+    torch.testing.assert_close(refit_kept_weights(weight, sigma, torch.ones_like(mask), 0.0), weight,
+                               rtol=1e-4, atol=1e-4)
+
+
+class _KeywordMLP(nn.Module):
+    """Called with keywords, as ``collect_second_moments`` calls a model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x)))
+
+
+def test_prune_layerwise_fits_each_layer_to_its_pruned_inputs() -> None:
+    torch.manual_seed(0)
+    dense = _KeywordMLP()
+    layerwise, magnitude = copy.deepcopy(dense), copy.deepcopy(dense)
+    mixing = torch.randn(6, 16)  # correlated inputs, as real activations are
+    batches = [{"x": torch.randn(64, 6) @ mixing + 0.05 * torch.randn(64, 16)} for _ in range(4)]
+    seen: list[tuple[int, int, str]] = []
+    masks = prune_layerwise(layerwise, ["up", "down"], 0.75, batches, progress=lambda *a: seen.append(a))
+    assert seen == [(1, 2, "up"), (2, 2, "down")]
+    for name, mask in masks.items():
+        assert int((~mask).sum()) == round(0.75 * mask.numel())
+        assert bool((layerwise.get_submodule(name).weight[~mask] == 0).all())
+    apply_masks(magnitude, {name: magnitude_mask(magnitude.get_submodule(name).weight, 0.75) for name in masks})
+    x = torch.cat([b["x"] for b in batches])
+    with torch.no_grad():
+        error = {name: float(((model(x=x) - dense(x=x)) ** 2).mean())
+                 for name, model in (("layerwise", layerwise), ("magnitude", magnitude))}
+    assert error["layerwise"] < 0.5 * error["magnitude"], error
+    with pytest.raises(ValueError, match="did not run"):
+        prune_layerwise(_KeywordMLP(), ["up"], 0.5, [])
