@@ -241,17 +241,24 @@ def allocate_budget(layers: Sequence[LayerSpectrum], budget: float, multiple: in
         used += best_cost
 
 
+class _InputsSeen(Exception):
+    """Raised by a capture hook to end a forward pass once every wanted input was recorded."""
+
+
 def collect_second_moments(module: nn.Module, names: Iterable[str], batches: Iterable[Mapping[str, torch.Tensor]],
-                           mask_key: str = "attention_mask") -> dict[str, torch.Tensor]:
+                           mask_key: str = "attention_mask", stop_early: bool = False) -> dict[str, torch.Tensor]:
     """``E[x xᵀ]`` (float64, n×n) of the input of each named submodule over ``batches``.
 
     Tokens where ``batches[mask_key]`` is 0 (padding) are left out when the input is
     ``[batch, sequence, n]`` and the mask matches; otherwise every row counts. The module
-    runs in eval mode without gradients (forward pre-hooks, removed after).
+    runs in eval mode without gradients (forward pre-hooks, removed after). ``stop_early``
+    ends each forward pass as soon as every named submodule has seen its input (the rest of
+    the model is not run; right only when each runs once per pass, as a Linear in an encoder).
     """
+    names = list(names)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
-    current: dict[str, torch.Tensor | None] = {"mask": None}
+    current: dict[str, Any] = {"mask": None, "seen": set()}
 
     def hook(name: str):
         def record(_: nn.Module, args: tuple) -> None:
@@ -263,6 +270,9 @@ def collect_second_moments(module: nn.Module, names: Iterable[str], batches: Ite
             # One batch's xᵀx in fp32 (exact enough for a few thousand rows), summed in fp64.
             sums[name] = sums.get(name, 0) + (x.T @ x).double()
             counts[name] = counts.get(name, 0) + x.shape[0]
+            current["seen"].add(name)
+            if stop_early and len(current["seen"]) == len(names):
+                raise _InputsSeen
         return record
 
     handles = [module.get_submodule(name).register_forward_pre_hook(hook(name)) for name in names]
@@ -271,8 +281,11 @@ def collect_second_moments(module: nn.Module, names: Iterable[str], batches: Ite
     try:
         with torch.no_grad():
             for batch in batches:
-                current["mask"] = batch.get(mask_key)
-                module(**batch)
+                current["mask"], current["seen"] = batch.get(mask_key), set()
+                try:
+                    module(**batch)
+                except _InputsSeen:
+                    pass
     finally:
         for handle in handles:
             handle.remove()

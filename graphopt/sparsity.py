@@ -277,7 +277,7 @@ def prune_layerwise(module: nn.Module, names: Sequence[str], sparsity: float, ba
     masks: dict[str, torch.Tensor] = {}
     for index, name in enumerate(names):
         layer = module.get_submodule(name)
-        moments = collect_second_moments(module, [name], batches)
+        moments = collect_second_moments(module, [name], batches, stop_early=True)
         if name not in moments:
             raise ValueError(f"prune_layerwise: layer {name!r} did not run on the calibration batches")
         sigma = moments[name]
@@ -327,7 +327,9 @@ def pruning_schedule(steps: int, final: float, *, initial: float = 0.0, every: i
 
     The last pruning step is ``end = min(steps − 1, round(until·steps))``; it prunes to
     ``final``, and the remaining steps train with the masks fixed. ``steps == 0`` gives
-    ``{0: final}`` (one-shot).
+    ``{0: final}`` (one-shot). A point that would prune to the sparsity already reached is left
+    out (``initial == final`` prunes once, at step 0): re-choosing masks at the same sparsity
+    changes nothing for magnitude and costs a calibration pass for activation scores.
     """
     if steps <= 0:
         return {0: final}
@@ -335,7 +337,12 @@ def pruning_schedule(steps: int, final: float, *, initial: float = 0.0, every: i
         raise ValueError(f"every must be >= 1, got {every}")
     end = max(0, min(steps - 1, round(until * steps)))
     points = sorted({*range(0, end + 1, every), end})
-    return {t: cubic_sparsity(t, final, initial=initial, start=0, end=end) for t in points}
+    schedule: dict[int, float] = {}
+    for t in points:
+        sparsity = cubic_sparsity(t, final, initial=initial, start=0, end=end)
+        if not schedule or sparsity != list(schedule.values())[-1]:
+            schedule[t] = sparsity
+    return schedule
 
 
 class PruningHook:
@@ -347,6 +354,8 @@ class PruningHook:
         scope: ``"layer"`` (each layer to the sparsity) or ``"global"`` (one threshold).
         schedule: step → sparsity (``pruning_schedule``); an empty one only re-applies ``masks``.
         masks: initial masks (default: none removed).
+        choose_masks: ``(module, sparsity) → masks`` in place of magnitude (it may also change
+            the kept weights, as ``prune_layerwise`` does); the hook applies what it returns.
 
     Attributes:
         masks: the current mask of each layer.
@@ -355,8 +364,10 @@ class PruningHook:
 
     def __init__(self, names: Sequence[str], *, pattern: str | Pattern = "unstructured", scope: Scope = "layer",
                  schedule: Mapping[int, float] | None = None,
-                 masks: Mapping[str, torch.Tensor] | None = None) -> None:
+                 masks: Mapping[str, torch.Tensor] | None = None,
+                 choose_masks: Callable[[nn.Module, float], Mapping[str, torch.Tensor]] | None = None) -> None:
         self.names, self.pattern, self.scope = list(names), Pattern.parse(pattern), scope
+        self.choose_masks = choose_masks
         self.schedule = dict(schedule or {})
         self.masks: dict[str, torch.Tensor] = dict(masks or {})
         self.history: list[tuple[int, float]] = []
@@ -364,7 +375,9 @@ class PruningHook:
     def prune(self, module: nn.Module, sparsity: float, step: int = -1) -> None:
         """Recomputes every mask at ``sparsity`` from the current weights and applies it."""
         weights = {name: module.get_submodule(name).weight for name in self.names}
-        if self.scope == "global":
+        if self.choose_masks is not None:
+            self.masks = dict(self.choose_masks(module, sparsity))
+        elif self.scope == "global":
             self.masks = global_magnitude_masks(weights, sparsity, self.pattern)
         else:
             self.masks = {name: magnitude_mask(w, sparsity, self.pattern) for name, w in weights.items()}

@@ -14,9 +14,11 @@ sparsity and pattern, the schedule, training and held-out agreement with the den
 their input on calibration sentences, layer after layer through the model pruned so far, and
 (``refit``) re-solves each layer's kept weights by least squares so that its outputs on those
 inputs stay closest to the dense layer's (``graphopt.sparsity.prune_layerwise``); W' is then the
-refit weight, otherwise W. Activation pruning happens once, at the final sparsity, before any
-training: distillation then trains with the masks fixed (measured better than a gradual
-magnitude schedule at 90% on MiniLM, see ``prune_layerwise``).
+refit weight, otherwise W. Either criterion follows the schedule below; activation pruning costs
+one forward pass over the calibration sentences per layer at each pruning step, so its
+schedules prune rarely (``initial_sparsity = sparsity``: once, before training, then
+distillation with the masks fixed; measured better than gradual magnitude pruning at 90% on
+MiniLM, see ``prune_layerwise``).
 
 ``steps = 0`` prunes once. ``steps > 0`` with the magnitude criterion prunes gradually on Zhu & Gupta's cubic schedule,
 from ``initial_sparsity`` to ``sparsity`` every ``prune_every`` steps until ``prune_until``
@@ -75,8 +77,8 @@ class PruneOptions(TrainingOptions):
     """Args: sparsity: final fraction removed (an N:M pattern needs exactly 1 − N/M). pattern:
     "unstructured", a block "RxC" ("1x8", "4x4", "16x1") or "N:M" ("2:4"). scope: "layer" or
     "global" (one threshold over all selected layers). criterion: "magnitude" (|w|) or
-    "activation" (|w|·√E[x²] on calibration sentences, layer by layer, once at the final
-    sparsity; scope "layer" only). refit: with "activation", re-solve the kept weights by least
+    "activation" (|w|·√E[x²] on calibration sentences, layer by layer at each pruning step;
+    scope "layer" only). refit: with "activation", re-solve the kept weights by least
     squares on the calibration inputs. calibration_sentences: how many training sentences
     (drawn with the seed from ``data``) calibrate "activation". layers, exclude: fnmatch globs over
     nn.Linear names. steps: trainer steps (0: prune once, no training). initial_sparsity,
@@ -187,21 +189,16 @@ class MagnitudePruningPass(Pass):
         teacher = keep_teacher(program) if o.steps else None
         needs_text = o.steps or o.criterion == "activation"
         sentences = load_training_data(o.data, program.tokenizer) if needs_text else None
-        if o.criterion == "activation":
-            hook = PruningHook(names, pattern=o.pattern, scope=o.scope,
-                               masks=self._prune_on_activations(program, names, sentences))
-            hook.history.append((0, o.sparsity))
+        choose = self._activation_masks(program, names, sentences) if o.criterion == "activation" else None
+        schedule = pruning_schedule(o.steps, o.sparsity, initial=o.initial_sparsity, every=o.prune_every,
+                                    until=o.prune_until)
+        hook = PruningHook(names, pattern=o.pattern, scope=o.scope, schedule=schedule, choose_masks=choose)
+        if choose is not None:
             notes["calibration"] = {"sentences": min(o.calibration_sentences, len(sentences)), "refit": o.refit}
-            if dense is not None and o.steps:
-                notes["heldout_vs_dense_one_shot"] = _agreement(program.ir, program.tokenizer, dense)
-        else:
-            schedule = pruning_schedule(o.steps, o.sparsity, initial=o.initial_sparsity, every=o.prune_every,
-                                        until=o.prune_until)
-            hook = PruningHook(names, pattern=o.pattern, scope=o.scope, schedule=schedule)
-            if dense is not None and o.steps:  # what pruning at once would have cost, for comparison
-                clone = program.clone()
-                PruningHook(names, pattern=o.pattern, scope=o.scope).prune(clone.ir, o.sparsity)
-                notes["heldout_vs_dense_one_shot"] = _agreement(clone.ir, program.tokenizer, dense)
+        elif dense is not None and o.steps:  # what pruning at once would have cost, for comparison
+            clone = program.clone()
+            PruningHook(names, pattern=o.pattern, scope=o.scope).prune(clone.ir, o.sparsity)
+            notes["heldout_vs_dense_one_shot"] = _agreement(clone.ir, program.tokenizer, dense)
         if o.steps:
             result = train(program.ir, teacher, sentences, o.loss(), o.train_config(),
                            tokenizer=program.tokenizer, hooks=[hook], progress=self.train_progress)
@@ -220,7 +217,8 @@ class MagnitudePruningPass(Pass):
                     notes["overall_sparsity"], o.scope)
         return PassResult(program, o.sparsity > 0, notes)
 
-    def _prune_on_activations(self, program: Program, names: list[str], sentences: Any) -> dict[str, Any]:
+    def _activation_masks(self, program: Program, names: list[str], sentences: Any) -> Callable[..., Any]:
+        """The hook's mask choice for criterion "activation": ``prune_layerwise`` on calibration batches."""
         o = self.options
         chosen = random.Random(o.seed).sample(list(sentences), min(o.calibration_sentences, len(sentences)))
         batches = [program.tokenizer(chosen[i:i + 32], max_length=o.max_length) for i in range(0, len(chosen), 32)]
@@ -228,8 +226,11 @@ class MagnitudePruningPass(Pass):
         def progress(done: int, total: int, name: str) -> None:
             logger.info("prune: layer %d/%d (%s) pruned on activations", done, total, name)
 
-        return prune_layerwise(program.ir, names, o.sparsity, batches, pattern=o.pattern, refit=o.refit,
-                               progress=progress)
+        def choose(module: nn.Module, sparsity: float) -> dict[str, Any]:
+            return prune_layerwise(module, names, sparsity, batches, pattern=o.pattern, refit=o.refit,
+                                   progress=progress)
+
+        return choose
 
     def _annotate(self, program: Program, hook: PruningHook) -> dict[str, Any]:
         rows: dict[str, Any] = {}

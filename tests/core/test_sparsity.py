@@ -97,6 +97,7 @@ def test_cubic_schedule_starts_ends_and_is_monotone() -> None:
     assert max(schedule) == 150 and schedule[150] == pytest.approx(0.9)
     assert list(schedule) == sorted(schedule) and schedule[0] == 0.0
     assert pruning_schedule(0, 0.7) == {0: 0.7}
+    assert pruning_schedule(300, 0.9, initial=0.9, every=10) == {0: 0.9}  # at once, then masks fixed
 
 
 def test_hook_prunes_on_schedule_and_keeps_masked_weights_zero_through_training() -> None:
@@ -211,3 +212,20 @@ def test_prune_layerwise_fits_each_layer_to_its_pruned_inputs() -> None:
     assert error["layerwise"] < 0.5 * error["magnitude"], error
     with pytest.raises(ValueError, match="did not run"):
         prune_layerwise(_KeywordMLP(), ["up"], 0.5, [])
+
+
+def test_second_moments_stop_early_once_every_input_is_seen() -> None:
+    from graphopt.lowrank import collect_second_moments
+
+    torch.manual_seed(0)
+    model = _KeywordMLP()
+    calls: list[str] = []
+    model.down.register_forward_pre_hook(lambda *_: calls.append("down"))
+    batches = [{"x": torch.randn(8, 16)} for _ in range(3)]
+    early = collect_second_moments(model, ["up"], batches, stop_early=True)
+    assert calls == []  # the forward ended at "up": the layer after it never ran
+    full = collect_second_moments(model, ["up"], batches)
+    assert calls == ["down"] * 3
+    x = torch.cat([b["x"] for b in batches]).double()
+    torch.testing.assert_close(early["up"], full["up"])
+    torch.testing.assert_close(early["up"], x.T @ x / x.shape[0], rtol=1e-5, atol=1e-6)

@@ -103,17 +103,19 @@ def test_registered_and_usable_in_a_pipeline(tiny_bundle) -> None:
     assert record.name == "prune" and not record.exact and record.notes["overall_sparsity"] == pytest.approx(0.5)
 
 
-def test_activation_criterion_prunes_once_then_trains_with_the_masks_fixed(tiny_program: Program) -> None:
-    """criterion="activation": pruned layer by layer at the final sparsity before training, and the
-    refit makes the one-shot model agree with the dense one better than plain magnitude does."""
+def test_activation_criterion_prunes_on_its_schedule_and_beats_magnitude_at_once(tiny_program: Program) -> None:
+    """criterion="activation": layer-wise masks with refit; at once, closer to the dense model than
+    magnitude; on a schedule, pruned at each point and trained with the masks re-applied."""
     before = {n: m.weight.detach().clone() for n, m in _linears(tiny_program).items()}
-    magnitude = Prune(sparsity=0.8, data=("sentences",), max_length=16)(tiny_program.clone())
-    result = Prune(sparsity=0.8, criterion="activation", calibration_sentences=64, steps=3, batch_size=4,
-                   lr=1e-3, max_length=16, data=("sentences",))(tiny_program.clone())
+    common = dict(sparsity=0.8, data=("sentences",), max_length=16)
+    magnitude = Prune(**common)(tiny_program.clone())
+    one_shot = Prune(criterion="activation", calibration_sentences=64, **common)(tiny_program.clone())
+    assert one_shot.notes["calibration"] == {"sentences": 64, "refit": True}
+    assert one_shot.notes["heldout_vs_dense"]["mean_cosine"] > magnitude.notes["heldout_vs_dense"]["mean_cosine"]
+    result = Prune(criterion="activation", calibration_sentences=16, steps=4, initial_sparsity=0.5, prune_every=2,
+                   prune_until=0.5, batch_size=4, lr=1e-3, **common)(tiny_program.clone())
     notes = result.notes
-    assert notes["criterion"] == "activation" and notes["schedule"] == [[0, 0.8]]
-    assert notes["calibration"] == {"sentences": 64, "refit": True}
-    assert notes["heldout_vs_dense_one_shot"]["mean_cosine"] > magnitude.notes["heldout_vs_dense"]["mean_cosine"]
+    assert notes["criterion"] == "activation" and notes["schedule"] == [[0, 0.5], [2, 0.8]]
     for name, linear in _linears(result.program).items():
         mask = result.program.annotations[name][SPARSITY_KEY]["mask"]
         assert int((~mask).sum()) == round(0.8 * mask.numel())
