@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--rounds", type=int, default=15)
     r.add_argument("--prune-every", type=int, default=10)
     r.add_argument("--prune-until", type=float, default=0.6)
+    r.add_argument("--initial-sparsity", type=float, default=0.0)
     r.add_argument("--batch-size", type=int, default=16)
     r.add_argument("--lr", type=float, default=5e-4)
     r.add_argument("--max-length", type=int, default=32)
@@ -231,6 +232,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     for spec in args.configs:
         sparsity, _, pattern = spec.partition("@")
         options = dict(sparsity=float(sparsity), pattern=pattern or "unstructured", steps=args.steps,
+                       initial_sparsity=min(args.initial_sparsity, float(sparsity)),
                        prune_every=args.prune_every, prune_until=args.prune_until, batch_size=args.batch_size,
                        lr=args.lr, max_length=args.max_length, data=tuple(args.data), output=args.output_weight,
                        hidden=args.hidden_weight, criterion=args.criterion, evaluate=False)

@@ -266,10 +266,13 @@ def prune_layerwise(module: nn.Module, names: Sequence[str], sparsity: float, ba
     ``refit`` the kept weights are re-solved (``refit_kept_weights``); otherwise they keep
     their values. One forward pass over ``batches`` per layer. Returns the masks, applied.
 
-    Measured on all-MiniLM-L6-v2 at 90% unstructured (256 sentences), held-out mean cosine of
-    the pruned model with the dense one, before any training: magnitude 0.23, activation
-    scores 0.35, activation scores with refit 0.47; after 500 distillation steps with masks
-    fixed, 0.62 against 0.56 for gradual magnitude pruning over the same 500 steps.
+    Measured on all-MiniLM-L6-v2 at 90% unstructured (256 calibration sentences), held-out mean
+    cosine of the pruned model with the dense one before any training: magnitude 0.23,
+    activation scores 0.35 (compared per output row), with refit 0.46 (per layer, as here; 0.47
+    per row); SparseGPT's approximate solve 0.43. Distilled with the masks fixed afterwards:
+    0.62 after 500 steps (per-row variant) against 0.56 for gradual magnitude pruning over the
+    same steps; 0.689 after 1500 steps (25 minutes on one thread) against 0.664. The head start
+    shrinks with training.
     """
     from graphopt.lowrank import collect_second_moments
 

@@ -193,6 +193,11 @@ class MagnitudePruningPass(Pass):
         schedule = pruning_schedule(o.steps, o.sparsity, initial=o.initial_sparsity, every=o.prune_every,
                                     until=o.prune_until)
         hook = PruningHook(names, pattern=o.pattern, scope=o.scope, schedule=schedule, choose_masks=choose)
+        if choose is not None and len(schedule) > 5:
+            logger.warning("prune: criterion \"activation\" calibrates every layer at each of the schedule's %d "
+                           "pruning points (%d forward passes over %d sentences); raise prune_every or "
+                           "initial_sparsity to prune fewer times", len(schedule), len(schedule) * len(names),
+                           o.calibration_sentences)
         if choose is not None:
             notes["calibration"] = {"sentences": min(o.calibration_sentences, len(sentences)), "refit": o.refit}
         elif dense is not None and o.steps:  # what pruning at once would have cost, for comparison
