@@ -57,8 +57,8 @@ import torch
 from torch import nn
 
 __all__ = ["SPARSITY_KEY", "Pattern", "magnitude_mask", "global_magnitude_masks", "activation_mask",
-           "refit_kept_weights", "prune_layerwise", "mask_sparsity", "stored_density", "apply_masks", "cubic_sparsity", "pruning_schedule", "PruningHook",
-           "KernelChoice", "KernelTable"]
+           "refit_kept_weights", "prune_layerwise", "mask_sparsity", "stored_density", "apply_masks",
+           "cubic_sparsity", "pruning_schedule", "PruningHook", "KernelChoice", "KernelTable"]
 
 logger = logging.getLogger(__name__)
 
@@ -255,8 +255,8 @@ def refit_kept_weights(weight: torch.Tensor, second_moment: torch.Tensor, mask: 
     return fitted.to(torch.float32)
 
 
-def prune_layerwise(module: nn.Module, names: Sequence[str], sparsity: float, batches: Iterable[Mapping[str, torch.Tensor]],
-                    *, pattern: str | Pattern = "unstructured", refit: bool = True, damping: float = 0.01,
+def prune_layerwise(module: nn.Module, names: Sequence[str], sparsity: float,
+                    batches: Iterable[Mapping[str, torch.Tensor]], *, pattern: str | Pattern = "unstructured", refit: bool = True, damping: float = 0.01,
                     progress: Callable[[int, int, str], None] | None = None) -> dict[str, torch.Tensor]:
     """Prunes each named Linear in turn by ``activation_mask``, refitting the kept weights on real inputs.
 

@@ -20,9 +20,9 @@ schedules prune rarely (``initial_sparsity = sparsity``: once, before training, 
 distillation with the masks fixed; measured better than gradual magnitude pruning at 90% on
 MiniLM, see ``prune_layerwise``).
 
-``steps = 0`` prunes once. ``steps > 0`` with the magnitude criterion prunes gradually on Zhu & Gupta's cubic schedule,
-from ``initial_sparsity`` to ``sparsity`` every ``prune_every`` steps until ``prune_until``
-of the steps, distilling from the dense model (kept as ``program.teacher``) through the shared
+``steps = 0`` prunes once. ``steps > 0`` prunes gradually on Zhu & Gupta's cubic schedule, from
+``initial_sparsity`` to ``sparsity`` every ``prune_every`` steps until ``prune_until`` of the
+steps (a point that would not raise the sparsity is skipped), distilling from the dense model (kept as ``program.teacher``) through the shared
 trainer, whose after-step hook re-applies the masks so pruned weights stay zero. A later
 training pass that does not re-apply them would fill the zeros back in: prune last.
 
