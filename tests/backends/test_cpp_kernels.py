@@ -35,7 +35,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 RTOL = ATOL = 1e-5
-BLOCKS = [(1, 8), (1, 16), (4, 4), (8, 1), (16, 1), (2, 2), (3, 5)]
+BLOCKS = [(1, 4), (1, 8), (1, 16), (4, 4), (8, 1), (16, 1), (2, 2), (3, 5)]
 
 
 @pytest.fixture(scope="session")
