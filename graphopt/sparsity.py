@@ -56,6 +56,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from graphopt.lowrank import collect_second_moments
+
 __all__ = ["SPARSITY_KEY", "Pattern", "magnitude_mask", "global_magnitude_masks", "activation_mask",
            "refit_kept_weights", "prune_layerwise", "mask_sparsity", "stored_density", "apply_masks",
            "cubic_sparsity", "pruning_schedule", "PruningHook", "KernelChoice", "KernelTable"]
@@ -275,8 +277,6 @@ def prune_layerwise(module: nn.Module, names: Sequence[str], sparsity: float,
     same steps; 0.689 after 1500 steps (25 minutes on one thread) against 0.664. Pruning in
     three steps (60%, 86%, 90% at steps 0, 300, 600 of 1500; lr 1e-3) reached 0.713.
     """
-    from graphopt.lowrank import collect_second_moments
-
     batches = list(batches)
     masks: dict[str, torch.Tensor] = {}
     for index, name in enumerate(names):
@@ -342,10 +342,11 @@ def pruning_schedule(steps: int, final: float, *, initial: float = 0.0, every: i
     end = max(0, min(steps - 1, round(until * steps)))
     points = sorted({*range(0, end + 1, every), end})
     schedule: dict[int, float] = {}
+    reached = None
     for t in points:
         sparsity = cubic_sparsity(t, final, initial=initial, start=0, end=end)
-        if not schedule or sparsity != list(schedule.values())[-1]:
-            schedule[t] = sparsity
+        if sparsity != reached:
+            schedule[t] = reached = sparsity
     return schedule
 
 
@@ -378,13 +379,14 @@ class PruningHook:
 
     def prune(self, module: nn.Module, sparsity: float, step: int = -1) -> None:
         """Recomputes every mask at ``sparsity`` from the current weights and applies it."""
-        weights = {name: module.get_submodule(name).weight for name in self.names}
         if self.choose_masks is not None:
             self.masks = dict(self.choose_masks(module, sparsity))
-        elif self.scope == "global":
-            self.masks = global_magnitude_masks(weights, sparsity, self.pattern)
         else:
-            self.masks = {name: magnitude_mask(w, sparsity, self.pattern) for name, w in weights.items()}
+            weights = {name: module.get_submodule(name).weight for name in self.names}
+            if self.scope == "global":
+                self.masks = global_magnitude_masks(weights, sparsity, self.pattern)
+            else:
+                self.masks = {name: magnitude_mask(w, sparsity, self.pattern) for name, w in weights.items()}
         apply_masks(module, self.masks)
         self.history.append((step, sparsity))
 

@@ -189,7 +189,9 @@ class MagnitudePruningPass(Pass):
         teacher = keep_teacher(program) if o.steps else None
         needs_text = o.steps or o.criterion == "activation"
         sentences = load_training_data(o.data, program.tokenizer) if needs_text else None
-        choose = self._activation_masks(program, names, sentences) if o.criterion == "activation" else None
+        calibration = (random.Random(o.seed).sample(list(sentences), min(o.calibration_sentences, len(sentences)))
+                       if o.criterion == "activation" else None)
+        choose = self._activation_masks(program, names, calibration) if calibration is not None else None
         schedule = pruning_schedule(o.steps, o.sparsity, initial=o.initial_sparsity, every=o.prune_every,
                                     until=o.prune_until)
         hook = PruningHook(names, pattern=o.pattern, scope=o.scope, schedule=schedule, choose_masks=choose)
@@ -199,7 +201,7 @@ class MagnitudePruningPass(Pass):
                            "initial_sparsity to prune fewer times", len(schedule), len(schedule) * len(names),
                            o.calibration_sentences)
         if choose is not None:
-            notes["calibration"] = {"sentences": min(o.calibration_sentences, len(sentences)), "refit": o.refit}
+            notes["calibration"] = {"sentences": len(calibration), "refit": o.refit}
         elif dense is not None and o.steps:  # what pruning at once would have cost, for comparison
             clone = program.clone()
             PruningHook(names, pattern=o.pattern, scope=o.scope).prune(clone.ir, o.sparsity)
@@ -222,11 +224,11 @@ class MagnitudePruningPass(Pass):
                     notes["overall_sparsity"], o.scope)
         return PassResult(program, o.sparsity > 0, notes)
 
-    def _activation_masks(self, program: Program, names: list[str], sentences: Any) -> Callable[..., Any]:
+    def _activation_masks(self, program: Program, names: list[str], calibration: list[str]) -> Callable[..., Any]:
         """The hook's mask choice for criterion "activation": ``prune_layerwise`` on calibration batches."""
         o = self.options
-        chosen = random.Random(o.seed).sample(list(sentences), min(o.calibration_sentences, len(sentences)))
-        batches = [program.tokenizer(chosen[i:i + 32], max_length=o.max_length) for i in range(0, len(chosen), 32)]
+        batches = [program.tokenizer(calibration[i:i + 32], max_length=o.max_length)
+                   for i in range(0, len(calibration), 32)]
 
         def progress(done: int, total: int, name: str) -> None:
             logger.info("prune: layer %d/%d (%s) pruned on activations", done, total, name)

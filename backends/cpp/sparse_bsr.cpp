@@ -165,7 +165,8 @@ void bsr_tiles(const SparseProblem& p, IndexErrors& err) {
               for (int r = 0; r < R; ++r)
                 for (int q = 0; q < NV; ++q) acc[s][r][q] = v8f{};
             for (int64_t k = s0; k < s0 + n; ++k) {
-              // int8 blocks are converted once per block, with vector instructions.
+              // int8 blocks are converted once per block: 8 values per vector instruction, or one
+              // by one for blocks of fewer than 8 (1x4).
               alignas(32) float vconv[sizeof(V) == 1 ? R * C : 1];
               const float* vb;
               if constexpr (sizeof(V) == 1 && R * C % 8 == 0) {
