@@ -182,13 +182,29 @@ class CppExecutable(Executable):
         self.module = exported.module()
         self.notes = notes or {}
         self.runner, self.package = runner, package
+        self._input_names: tuple[str, ...] | None = None
         self.notes["runs"] = "aotinductor" if runner is not None else "exported graph (eager)"
 
     def __call__(self, **inputs: torch.Tensor | np.ndarray) -> tuple[np.ndarray, ...]:
         tensors = {k: torch.as_tensor(v) for k, v in inputs.items()}
         with torch.inference_mode():
-            outputs = self.runner(**tensors) if self.runner is not None else self.module(**tensors)
-            return tuple(t.float().numpy() for t in flatten_outputs(outputs))
+            if self.runner is not None:
+                outputs = self._run_compiled(tensors)
+            else:
+                outputs = flatten_outputs(self.module(**tensors))
+            return tuple(t.float().numpy() for t in outputs)
+
+    def _run_compiled(self, tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        # The loader's flat call rather than AOTICompiledModel.__call__, which re-reads its
+        # call spec and flattens and unflattens pytrees on every call: 0.16 ms of a 3.5 ms
+        # MiniLM batch-1 forward (150 alternating rounds, one thread).
+        if self._input_names is None:
+            in_spec = torch.utils._pytree.treespec_loads(self.runner.loader.get_call_spec()[0])
+            self._input_names = tuple(in_spec.child(1).context)
+        if tensors.keys() != set(self._input_names):
+            raise ValueError(f"cpp: the model takes inputs {list(self._input_names)}, got {list(tensors)}")
+        return [t for t in self.runner.loader.boxed_run([tensors[name] for name in self._input_names])
+                if isinstance(t, torch.Tensor)]
 
     def artifact_bytes(self) -> int:
         """The exported program's weights and constants (the graph itself is small beside them)."""

@@ -87,6 +87,8 @@ def test_model_pt2_loads_in_a_new_process_and_matches(pruned: Program, table: st
     not, and both match the same program run eagerly."""
     executable, path = compiled_int8
     assert executable.notes["runs"] == "aotinductor"
+    with pytest.raises(ValueError, match="takes inputs"):
+        executable(input_ids=pruned.example_inputs["input_ids"])
     eager = graphopt.compile(pruned, backend="cpp", table=table, int8=True, aot=False)
     np.testing.assert_allclose(executable(**pruned.example_inputs)[0], eager(**pruned.example_inputs)[0],
                                rtol=0, atol=1e-5)
