@@ -36,7 +36,7 @@ import itertools
 import json
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 __all__ = ["Factorization", "LayerSpectrum", "LowRankLinear", "SpeedTable", "allocate_budget",
-           "collect_second_moments", "round_rank", "second_moment_sqrt", "whitening"]
+           "round_rank", "second_moment_sqrt", "whitening"]
 
 logger = logging.getLogger(__name__)
 
@@ -239,58 +239,6 @@ def allocate_budget(layers: Sequence[LayerSpectrum], budget: float, multiple: in
         layer, r = layers[best], ranks[best]
         ranks[best] = r + multiple if r + multiple <= layer.max_rank else 0
         used += best_cost
-
-
-class _InputsSeen(Exception):
-    """Raised by a capture hook to end a forward pass once every wanted input was recorded."""
-
-
-def collect_second_moments(module: nn.Module, names: Iterable[str], batches: Iterable[Mapping[str, torch.Tensor]],
-                           mask_key: str = "attention_mask", stop_early: bool = False) -> dict[str, torch.Tensor]:
-    """``E[x xᵀ]`` (float64, n×n) of the input of each named submodule over ``batches``.
-
-    Tokens where ``batches[mask_key]`` is 0 (padding) are left out when the input is
-    ``[batch, sequence, n]`` and the mask matches; otherwise every row counts. The module
-    runs in eval mode without gradients (forward pre-hooks, removed after). ``stop_early``
-    ends each forward pass as soon as every named submodule has seen its input (the rest of
-    the model is not run; right only when each runs once per pass, as a Linear in an encoder).
-    """
-    names = list(names)
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    current: dict[str, Any] = {"mask": None, "seen": set()}
-
-    def hook(name: str):
-        def record(_: nn.Module, args: tuple) -> None:
-            x = args[0].detach()
-            mask = current["mask"]
-            if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-                x = x[mask.bool()]
-            x = x.reshape(-1, x.shape[-1]).float()
-            # One batch's xᵀx in fp32 (exact enough for a few thousand rows), summed in fp64.
-            sums[name] = sums.get(name, 0) + (x.T @ x).double()
-            counts[name] = counts.get(name, 0) + x.shape[0]
-            current["seen"].add(name)
-            if stop_early and len(current["seen"]) == len(names):
-                raise _InputsSeen
-        return record
-
-    handles = [module.get_submodule(name).register_forward_pre_hook(hook(name)) for name in names]
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                current["mask"], current["seen"] = batch.get(mask_key), set()
-                try:
-                    module(**batch)
-                except _InputsSeen:
-                    pass
-    finally:
-        for handle in handles:
-            handle.remove()
-        module.train(was_training)
-    return {name: sums[name] / max(counts[name], 1) for name in sums}
 
 
 class SpeedTable:

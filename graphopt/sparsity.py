@@ -56,7 +56,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from graphopt.lowrank import collect_second_moments
+from graphopt.calibration import collect_second_moments
 
 __all__ = ["SPARSITY_KEY", "Pattern", "magnitude_mask", "global_magnitude_masks", "activation_mask",
            "refit_kept_weights", "prune_layerwise", "mask_sparsity", "stored_density", "apply_masks",
@@ -221,7 +221,7 @@ def activation_mask(weight: torch.Tensor, second_moment: torch.Tensor, sparsity:
     Sun et al. (2023, "Wanda"): a weight matters by what it multiplies, so one on an input
     that is large on real data is kept before a larger one on an input that is nearly zero.
     ``second_moment`` is ``E[x xᵀ]`` of the layer's input (``[in, in]``, only its diagonal is
-    read; ``graphopt.lowrank.collect_second_moments`` gives it). Same patterns, counts and
+    read; ``graphopt.calibration.collect_second_moments`` gives it). Same patterns, counts and
     errors as ``magnitude_mask``.
     """
     if second_moment.dim() != 2 or second_moment.shape[0] != weight.shape[-1]:

@@ -31,6 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from graphopt.calibration import collect_second_moments
 from graphopt.data import assert_not_heldout, load_sentences
 from graphopt.distill import keep_teacher, sentence_embedding
 from graphopt.errors import PreconditionError
@@ -41,7 +42,6 @@ from graphopt.lowrank import (
     LowRankLinear,
     SpeedTable,
     allocate_budget,
-    collect_second_moments,
     round_rank,
 )
 from graphopt.pass_base import Pass, PassResult

@@ -4,8 +4,9 @@
   that matches nothing (a typo would otherwise quantize nothing, silently).
 - ``calibration_batches`` tokenizes the *calibration* split (never the held-out one:
   ``assert_not_heldout`` guards it) into batches.
-- ``capture_inputs`` runs batches with forward hooks on named layers and hands each
-  layer's input, restricted to real (non-padded) tokens, to a callback.
+- ``capture_inputs`` (from ``graphopt.calibration``, re-exported) runs batches with forward
+  hooks on named layers and hands each layer's input, restricted to real (non-padded)
+  tokens, to a callback.
 - ``smoothing_factors`` computes SmoothQuant's per-channel factors.
 - ``agreement`` is the drift figure sensitivity analysis and mixed precision use:
   mean and worst row cosine of outputs against reference outputs.
@@ -13,15 +14,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import logging
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from graphopt.calibration import capture_inputs
 from graphopt.data import assert_not_heldout, load_sentences
 from graphopt.program import Program, flatten_outputs
 from graphopt.quantization.spec import QUANT_KEY, QuantSpec
@@ -74,33 +75,6 @@ def calibration_batches(program: Program, batches: int, batch_size: int, max_len
     chosen = list(sentences[:wanted])
     return [dict(program.tokenizer(chosen[i:i + batch_size], max_length=max_length))
             for i in range(0, len(chosen), batch_size)]
-
-
-def _real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """``x`` [b, s, ...] restricted to the positions where ``mask`` [b, s] is set, else ``x`` itself."""
-    if mask is None or x.dim() < 3 or tuple(x.shape[:2]) != tuple(mask.shape):
-        return x
-    return x[mask.bool()]
-
-
-@contextlib.contextmanager
-def capture_inputs(module: nn.Module, names: Sequence[str],
-                   callback: Callable[[str, torch.Tensor], None]) -> Iterator[Callable[[torch.Tensor | None], None]]:
-    """Hooks ``names``; each forward hands ``callback(name, input)`` the input's real tokens.
-
-    Yields a setter for the current batch's attention mask (``None``: keep every position).
-    """
-    state: dict[str, torch.Tensor | None] = {"mask": None}
-
-    def hook_for(name: str) -> Callable[..., None]:
-        return lambda _module, args: callback(name, _real_tokens(args[0].detach(), state["mask"]))
-
-    handles = [module.get_submodule(name).register_forward_pre_hook(hook_for(name)) for name in names]
-    try:
-        yield lambda mask: state.__setitem__("mask", mask)
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def smoothing_factors(activation_absmax: torch.Tensor, weights: Sequence[torch.Tensor], alpha: float) -> torch.Tensor:

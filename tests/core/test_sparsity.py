@@ -215,7 +215,7 @@ def test_prune_layerwise_fits_each_layer_to_its_pruned_inputs() -> None:
 
 
 def test_second_moments_stop_early_once_every_input_is_seen() -> None:
-    from graphopt.lowrank import collect_second_moments
+    from graphopt.calibration import collect_second_moments
 
     torch.manual_seed(0)
     model = _KeywordMLP()

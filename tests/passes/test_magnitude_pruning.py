@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -132,3 +134,18 @@ def test_activation_criterion_needs_layer_scope_and_a_tokenizer(tiny_program: Pr
     program.tokenizer = None
     with pytest.raises(PreconditionError, match="activation"):
         Prune(criterion="activation")(program)
+
+
+def test_an_activation_schedule_of_many_points_is_warned_about(tiny_program: Program, caplog) -> None:
+    """Each point of an activation schedule calibrates every layer again: more than 5 points
+    gets a warning that says how to prune fewer times; 5 or fewer get none."""
+    common = dict(criterion="activation", calibration_sentences=4, sparsity=0.8, data=("sentences",),
+                  max_length=8, batch_size=2, initial_sparsity=0.3, prune_until=1.0, evaluate=False)
+    with caplog.at_level(logging.WARNING, logger="graphopt.passes.magnitude_pruning"):
+        many = Prune(steps=6, prune_every=1, **common)(tiny_program.clone())
+    assert len(many.notes["schedule"]) == 6
+    assert "schedule's 6 pruning points" in caplog.text and "raise prune_every" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="graphopt.passes.magnitude_pruning"):
+        few = Prune(steps=6, prune_every=2, **common)(tiny_program.clone())
+    assert len(few.notes["schedule"]) == 4 and "pruning points" not in caplog.text
