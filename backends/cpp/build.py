@@ -22,6 +22,7 @@ The cache lives in ``$GRAPHOPT_CACHE_DIR`` or ``$XDG_CACHE_HOME/graphopt`` or
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import fcntl
 import hashlib
@@ -340,6 +341,9 @@ def load_extension() -> None:
             # Checked again under the lock that a rebuild takes, right before dlopen.
             if _sha256(lib) != (root / f"{lib.stem}.so.sha256").read_text().strip():
                 raise BuildError(f"{lib} changed after it was verified; delete {root} and retry")
+            # Global symbols: code compiled by AOTInductor calls the kernels' C entry points
+            # (aoti_torch_cpu_*) by name, resolved against the libraries loaded so far.
+            ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
             torch.ops.load_library(str(lib))
         _loaded = lib
         logger.debug("loaded %s", lib)

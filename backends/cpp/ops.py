@@ -40,6 +40,7 @@ from .packing import BsrWeight, CsrWeight, SellWeight, pack_bsr, pack_csr, pack_
 
 __all__ = [
     "OP_SCHEMAS",
+    "c_shim_declarations",
     "BsrWeight",
     "CsrWeight",
     "SellWeight",
@@ -119,6 +120,23 @@ def _make_fake(name: str) -> Callable[..., Tensor]:
 
 for _name in OP_SCHEMAS:
     torch.library.register_fake(f"graphopt::{_name}", _make_fake(_name), lib=_LIB)
+
+
+#: C types of schema arguments in AOTInductor's C shim convention.
+_C_SHIM_TYPES = {"Tensor": "AtenTensorHandle", "Optional[Tensor]": "AtenTensorHandle*", "int": "int64_t"}
+
+
+def c_shim_declarations() -> dict[torch._ops.OpOverload, list[str]]:
+    """Each op's C entry point (``aoti_torch_cpu_<name>`` in ``sparse_linear.cpp``), as
+    AOTInductor's ``aot_inductor.custom_ops_to_c_shims`` takes them: compiled code then calls
+    the kernels directly rather than through the boxed dispatcher. Built from the schemas,
+    so the declarations cannot drift from the ops."""
+    declarations = {}
+    for name in OP_SCHEMAS:
+        op = getattr(torch.ops.graphopt, name).default
+        args = [f"{_C_SHIM_TYPES[str(a.type)]} {a.name}" for a in op._schema.arguments]
+        declarations[op] = [f"AOTITorchError aoti_torch_cpu_{name}({', '.join([*args, 'AtenTensorHandle* ret0'])})"]
+    return declarations
 
 
 _kernels_ready = False
