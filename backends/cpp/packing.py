@@ -314,7 +314,8 @@ def pack_sell(weight: Tensor, dtype: torch.dtype = torch.float32) -> SellWeight:
     widths = lane_counts.view(n_slices, 8).amax(dim=1)
     slice_ptr = _row_pointer(widths)
     entries = int(slice_ptr[-1])
-    source = w if dtype == torch.float32 else _quantize_rows(w, _row_scales(w)).float()
+    scales = _row_scales(w) if dtype == torch.int8 else None
+    source = w if scales is None else _quantize_rows(w, scales).float()
     col_idx = torch.zeros(entries, 8, dtype=torch.int64)
     values = torch.zeros(entries, 8)
     rows, cols = mask.nonzero(as_tuple=True)  # row-major: each row's columns ascending
@@ -328,7 +329,6 @@ def pack_sell(weight: Tensor, dtype: torch.dtype = torch.float32) -> SellWeight:
     entry = slice_ptr.long()[lane // 8] + within
     col_idx[entry, lane % 8] = cols
     values[entry, lane % 8] = source[rows, cols]
-    scales = _row_scales(w) if dtype == torch.int8 else None
     logger.debug("packed %dx%d weight as SELL-8: %d nonzeros in %d entries, %s", out, inp, len(rows), entries, dtype)
     return SellWeight(
         slice_ptr,

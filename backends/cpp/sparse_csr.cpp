@@ -186,6 +186,9 @@ void csr_tiles(const SparseProblem& p, IndexErrors& err) {
           const int nr = static_cast<int>(std::min<int64_t>(8, re - o0));
           v8f res[NV][8];
           int64_t start[8], len[8];
+          // Checked here, once per tile, rather than once per block before the tiles: the
+          // check then brings these rows' indices into L1 for the products (hoisted, the
+          // sequence of MiniLM's layers ran 3-7% slower at 15 and 120 rows, measured).
           checked_rows8(p, col, o0, nr, lim, err, start, len);
           for (int r = 0; r < 8; ++r) {
             v8f row[NV];
