@@ -144,7 +144,7 @@ def compile_ahead_of_time(exported: torch.export.ExportedProgram) -> tuple[Any, 
     program's weights; returns the callable model and the package's bytes."""
     import torch._inductor
 
-    load_extension()  # the compiled code calls our ops through the dispatcher
+    load_extension()  # the compiled code calls our ops' C entry points, resolved at load
     with tempfile.TemporaryDirectory(prefix="graphopt-aoti-") as folder:
         package = Path(folder) / AOT_PACKAGE_NAME
         configs = {"aot_inductor.package_constants_in_so": False,

@@ -4,7 +4,8 @@ Every op of the ``graphopt`` namespace is declared here and only here, with
 ``torch.library``; the C++ side (``sparse_linear.cpp``) only implements them with
 ``TORCH_LIBRARY_IMPL``, because a second ``TORCH_LIBRARY`` for one namespace terminates the
 process (measured, torch 2.13). The fake implementations let ``torch.export``, fx and
-``torch.compile`` trace models that call the ops without the extension being built.
+``torch.compile`` trace models that call the ops without the extension being built;
+``c_shim_declarations`` gives AOTInductor the ops' C entry points (``sparse_linear.cpp``).
 
 The kernels are hand-written (see ``sparse_common.h``): no maintained library does sparse
 weight x dense activation fast on CPU at Transformer shapes. All ops compute
@@ -40,12 +41,12 @@ from .packing import BsrWeight, CsrWeight, SellWeight, pack_bsr, pack_csr, pack_
 
 __all__ = [
     "OP_SCHEMAS",
-    "c_shim_declarations",
     "BsrWeight",
     "CsrWeight",
     "SellWeight",
     "bsr_linear",
     "bsr_linear_int8",
+    "c_shim_declarations",
     "csr_linear",
     "csr_linear_int8",
     "pack_bsr",
