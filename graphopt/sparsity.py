@@ -258,7 +258,8 @@ def refit_kept_weights(weight: torch.Tensor, second_moment: torch.Tensor, mask: 
 
 
 def prune_layerwise(module: nn.Module, names: Sequence[str], sparsity: float,
-                    batches: Iterable[Mapping[str, torch.Tensor]], *, pattern: str | Pattern = "unstructured", refit: bool = True, damping: float = 0.01,
+                    batches: Iterable[Mapping[str, torch.Tensor]], *, pattern: str | Pattern = "unstructured",
+                    refit: bool = True, damping: float = 0.01,
                     progress: Callable[[int, int, str], None] | None = None) -> dict[str, torch.Tensor]:
     """Prunes each named Linear in turn by ``activation_mask``, refitting the kept weights on real inputs.
 

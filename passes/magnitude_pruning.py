@@ -22,9 +22,10 @@ once and of gradual magnitude pruning (see ``prune_layerwise``).
 
 ``steps = 0`` prunes once. ``steps > 0`` prunes gradually on Zhu & Gupta's cubic schedule, from
 ``initial_sparsity`` to ``sparsity`` every ``prune_every`` steps until ``prune_until`` of the
-steps (a point that would not raise the sparsity is skipped), distilling from the dense model (kept as ``program.teacher``) through the shared
-trainer, whose after-step hook re-applies the masks so pruned weights stay zero. A later
-training pass that does not re-apply them would fill the zeros back in: prune last.
+steps (a point that would not raise the sparsity is skipped), distilling from the dense model
+(kept as ``program.teacher``) through the shared trainer, whose after-step hook re-applies the
+masks so pruned weights stay zero. A later training pass that does not re-apply them would
+fill the zeros back in: prune last.
 
 Preconditions: kind ``module``; a selected layer; a tokenizer when ``steps > 0`` or the criterion
 is ``"activation"``.
@@ -199,7 +200,7 @@ class MagnitudePruningPass(Pass):
             logger.warning("prune: criterion \"activation\" calibrates every layer at each of the schedule's %d "
                            "pruning points (%d forward passes over %d sentences); raise prune_every or "
                            "initial_sparsity to prune fewer times", len(schedule), len(schedule) * len(names),
-                           o.calibration_sentences)
+                           len(calibration))
         if choose is not None:
             notes["calibration"] = {"sentences": len(calibration), "refit": o.refit}
         elif dense is not None and o.steps:  # what pruning at once would have cost, for comparison
