@@ -27,6 +27,11 @@ Schemas::
                           Tensor values, Tensor? bias, int out_features) -> Tensor
     graphopt::sell_linear_int8(Tensor x, Tensor slice_ptr, Tensor row_order, Tensor col_idx,
                                Tensor values, Tensor scales, Tensor? bias, int out_features) -> Tensor
+    graphopt::attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float scale) -> Tensor
+
+``attention`` is ``F.scaled_dot_product_attention`` (additive float mask, no dropout, not
+causal) for short sequences, where torch's CPU kernels spend most of their time outside the
+arithmetic (``attention.cpp``); the cpp backend swaps it in (``lower_attention``).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ __all__ = [
     "BsrWeight",
     "CsrWeight",
     "SellWeight",
+    "attention",
     "bsr_linear",
     "bsr_linear_int8",
     "c_shim_declarations",
@@ -86,6 +92,7 @@ OP_SCHEMAS: dict[str, str] = {
         "sell_linear_int8(Tensor x, Tensor slice_ptr, Tensor row_order, Tensor col_idx, Tensor values, "
         "Tensor scales, Tensor? bias, int out_features) -> Tensor"
     ),
+    "attention": "attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float scale) -> Tensor",
 }
 
 # "DEF" owns the namespace: a second declaration anywhere fails loudly at import. The
@@ -119,12 +126,23 @@ def _make_fake(name: str) -> Callable[..., Tensor]:
     return fake
 
 
+def _attention_fake(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float) -> Tensor:
+    torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "q, k and v must be 4-D")
+    torch._check(q.dtype == torch.float32, lambda: f"q must be float32, got {q.dtype}")
+    torch._check(q.shape[3] % 8 == 0, lambda: f"head_dim must be a multiple of 8, got {q.shape[3]}")
+    batch, heads, tokens, dim = q.shape
+    # The kernel's layout: [batch, tokens, heads, dim] in memory (see attention.cpp).
+    return q.new_empty((batch, tokens, heads, dim)).transpose(1, 2)
+
+
 for _name in OP_SCHEMAS:
-    torch.library.register_fake(f"graphopt::{_name}", _make_fake(_name), lib=_LIB)
+    fake = _attention_fake if _name == "attention" else _make_fake(_name)
+    torch.library.register_fake(f"graphopt::{_name}", fake, lib=_LIB)
 
 
 #: C types of schema arguments in AOTInductor's C shim convention.
-_C_SHIM_TYPES = {"Tensor": "AtenTensorHandle", "Optional[Tensor]": "AtenTensorHandle*", "int": "int64_t"}
+_C_SHIM_TYPES = {"Tensor": "AtenTensorHandle", "Optional[Tensor]": "AtenTensorHandle*", "int": "int64_t",
+                 "float": "double"}
 
 
 def c_shim_declarations() -> dict[torch._ops.OpOverload, list[str]]:
@@ -288,6 +306,27 @@ def sell_linear_int8(
     return torch.ops.graphopt.sell_linear_int8.default(
         x, slice_ptr, row_order, col_idx, values, scales, bias, out_features
     )
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
+              scale: float | None = None) -> Tensor:
+    """``softmax(q @ k.T * scale + attn_mask) @ v``, as ``F.scaled_dot_product_attention``.
+
+    Args:
+        q: float32 ``[batch, heads, queries, head_dim]``, ``head_dim`` a multiple of 8; any
+            strides (a last dimension that is not contiguous is copied).
+        k: float32 ``[batch, heads, keys, head_dim]``.
+        v: float32 ``[batch, heads, keys, head_dim]``.
+        attn_mask: additive float32 mask broadcastable to ``[batch, heads, queries, keys]``, or
+            None. A query whose mask is ``-inf`` for every key gets zeros (as in torch).
+        scale: the scores' factor; None is ``1 / sqrt(head_dim)``.
+
+    Returns:
+        float32 ``[batch, heads, queries, head_dim]``, stored as ``[batch, queries, heads,
+        head_dim]`` (so ``out.transpose(1, 2)`` is contiguous).
+    """
+    _ensure_kernels(q)
+    return torch.ops.graphopt.attention.default(q, k, v, attn_mask, q.shape[-1] ** -0.5 if scale is None else scale)
 
 
 def sparse_linear(

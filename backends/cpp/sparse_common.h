@@ -56,6 +56,20 @@ struct IndexErrors {
   std::atomic<bool> bad_row_order{false};
 };
 
+// Scaled dot-product attention on strided [batch, heads, tokens, head_dim] views (last dim
+// contiguous): out = softmax(q k^T * scale + mask) v, per (batch, head) pair.
+struct AttentionProblem {
+  const float* q;
+  const float* k;
+  const float* v;
+  const float* mask;  // additive, [batch, heads, queries, keys] strides (0 = broadcast), or nullptr
+  float* out;
+  int64_t batch, heads, queries, keys, head_dim;  // head_dim a multiple of 8
+  int64_t q_stride[3], k_stride[3], v_stride[3], mask_stride[3], out_stride[3];  // batch, head, token
+  float scale;
+};
+
+void attention_forward(const AttentionProblem& p);
 void csr_forward(const SparseProblem& p, IndexErrors& err);
 void bsr_forward(const SparseProblem& p, int block_r, int block_c, IndexErrors& err);
 void sell_forward(const SparseProblem& p, IndexErrors& err);

@@ -74,6 +74,42 @@ def test_outputs_match_the_pruned_module_fp32_and_int8(pruned: Program, table: s
     assert sqnr_db(int8(**pruned.example_inputs)[0], want) > 30.0
 
 
+def test_attention_runs_through_graphopt_attention(pruned: Program, table: str) -> None:
+    """Both layers' scaled_dot_product_attention become graphopt::attention, with the same
+    outputs (padding masked) as the program lowered with torch's attention."""
+    ours = graphopt.compile(pruned, backend="cpp", table=table, aot=False)
+    torchs = graphopt.compile(pruned, backend="cpp", table=table, aot=False, attention=False)
+    targets = [str(n.target) for n in ours.exported.graph.nodes if n.op == "call_function"]
+    assert ours.notes["attention_calls"] == 2 == targets.count("graphopt.attention.default")
+    assert "aten.scaled_dot_product_attention.default" not in targets
+    assert torchs.notes["attention_calls"] == 0
+    assert "aten.scaled_dot_product_attention.default" in {str(n.target) for n in torchs.exported.graph.nodes}
+    inputs = pruned.tokenizer(["One short sentence.", "And a second, somewhat longer sentence here."])
+    np.testing.assert_allclose(ours(**inputs)[0], torchs(**inputs)[0], rtol=0, atol=1e-5)
+
+
+def test_attention_it_does_not_compute_is_left_to_torch() -> None:
+    """Causal attention, dropout and a head size that is not a multiple of 8 keep torch's op."""
+    import torch
+    import torch.nn.functional as F
+    from graphopt.backends.cpp.backend import lower_attention
+
+    class Attend(torch.nn.Module):
+        def forward(self, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+            causal = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+            dropped = F.scaled_dot_product_attention(q, q, q, dropout_p=0.5)
+            narrow = F.scaled_dot_product_attention(r, r, r)
+            plain = F.scaled_dot_product_attention(q, q, q, scale=0.5)
+            return causal.sum() + dropped.sum() + narrow.sum() + plain.sum()
+
+    exported = torch.export.export(Attend(), (torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 12)))
+    assert lower_attention(exported) == 1
+    targets = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
+    assert targets.count("aten.scaled_dot_product_attention.default") == 3
+    (fused,) = [n for n in exported.graph.nodes if str(n.target) == "graphopt.attention.default"]
+    assert fused.args[-1] == 0.5
+
+
 @pytest.fixture(scope="module")
 def compiled_int8(pruned: Program, table: str, tmp_path_factory):
     """The default lowering (AOTInductor), int8, saved; built once (~20 s)."""
@@ -192,14 +228,14 @@ def test_a_corrupt_weight_in_compiled_code_raises_instead_of_reading_out_of_boun
 
 
 def test_compiled_code_calls_every_op_through_its_c_entry_point() -> None:
-    """One module calling all six ops (with and without bias), compiled by AOTInductor: each
+    """One module calling every op (the linear ones with and without bias), compiled by AOTInductor: each
     op's C entry point is in the package (a declaration that did not match its definition
     would crash or compute garbage), and the outputs equal the eager ops'."""
     import torch
-    from torch import nn
-
+    from graphopt.backends.cpp import ops
     from graphopt.backends.cpp.backend import SparseLinear, compile_ahead_of_time
     from graphopt.backends.cpp.ops import OP_SCHEMAS, pack_weight
+    from torch import nn
 
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(16, 24, generator=gen) * (torch.rand(16, 24, generator=gen) < 0.3)
@@ -215,7 +251,10 @@ def test_compiled_code_calls_every_op_through_its_c_entry_point() -> None:
             self.layers = layers
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.stack([layer(x) for layer in self.layers])
+            heads = x.unflatten(-1, (3, 8)).transpose(1, 2)  # [3, 5, 24] -> [3, 3 heads, 5, 8]
+            mask = torch.zeros(x.shape[0], 1, 1, x.shape[1])
+            attended = ops.attention(heads, heads, heads, mask).transpose(1, 2).flatten(2)
+            return torch.stack([layer(attended) for layer in self.layers])
 
     module, x = EveryOp().eval(), torch.randn(3, 5, 24, generator=gen)
     with torch.no_grad():

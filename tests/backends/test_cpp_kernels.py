@@ -104,6 +104,58 @@ def test_bsr_matches_dense(kernels, out, inp, block, density, batch, int8, with_
     _check(x, packed, torch.randn(out) if with_bias else None)
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    batch=st.integers(1, 3),
+    heads=st.integers(1, 5),
+    queries=st.sampled_from([1, 2, 5, 8, 15, 17, 33]),
+    keys=st.sampled_from([1, 3, 8, 15, 24, 129, 200]),
+    head_dim=st.sampled_from([8, 16, 32, 40, 64]),
+    mask=st.sampled_from(["none", "padding", "full", "2d", "masked_row"]),
+    layout=st.sampled_from(["contiguous", "heads_inner"]),
+    scale=st.sampled_from([None, 0.3]),
+    seed=st.integers(0, 2**16),
+)
+def test_attention_matches_torch(kernels, batch, heads, queries, keys, head_dim, mask, layout, scale, seed) -> None:
+    """graphopt::attention against F.scaled_dot_product_attention (same inputs, atol 1e-5 on
+    unit-scale values): masks broadcast from [b,1,1,k], full [b,h,q,k] and 2-D [q,k]; inputs as
+    contiguous tensors and as the [b, tokens, heads, dim] views a model's head split gives;
+    more than 128 keys take torch's kernel inside the op; a query masked everywhere gets zeros."""
+    g = torch.Generator().manual_seed(seed)
+
+    def tensor(tokens: int) -> torch.Tensor:
+        if layout == "heads_inner":
+            return torch.randn(batch, tokens, heads, head_dim, generator=g).transpose(1, 2)
+        return torch.randn(batch, heads, tokens, head_dim, generator=g)
+
+    q, k, v = tensor(queries), tensor(keys), tensor(keys)
+    shapes = {"none": None, "padding": (batch, 1, 1, keys), "full": (batch, heads, queries, keys),
+              "2d": (queries, keys), "masked_row": (batch, 1, queries, keys)}
+    attn_mask = None if shapes[mask] is None else torch.randn(*shapes[mask], generator=g)
+    if mask == "padding":
+        attn_mask[..., -1] = torch.finfo(torch.float32).min
+    if mask == "masked_row":
+        attn_mask[:, :, 0, :] = float("-inf")
+    got = ops.attention(q, k, v, attn_mask, scale)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+    assert got.shape == want.shape and got.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
+    if mask == "masked_row":
+        assert not got[:, :, 0].any()
+
+
+def test_attention_rejects_what_it_does_not_compute(kernels) -> None:
+    q = torch.randn(1, 2, 3, 16)
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        ops.attention(torch.randn(1, 2, 3, 12), torch.randn(1, 2, 3, 12), torch.randn(1, 2, 3, 12))
+    with pytest.raises(RuntimeError, match="additive float32"):
+        ops.attention(q, q, q, torch.ones(1, 1, 1, 3, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="must agree"):
+        ops.attention(q, torch.randn(1, 3, 3, 16), torch.randn(1, 3, 3, 16))
+    with pytest.raises(RuntimeError, match="4-D float32"):
+        ops.attention(q.double(), q.double(), q.double())
+
+
 @pytest.mark.parametrize("batch", [1, 3, 8, 24, 130])
 @pytest.mark.parametrize(
     "layout", ["csr", "csr8", "bsr1x8", "bsr4x4", "bsr16x1", "bsr16x1_8", "sell", "sell8"]
@@ -229,6 +281,14 @@ def test_fake_matches_real(kernels, name, pack) -> None:
             fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
         real = op(*args)
         assert fake.shape == real.shape and fake.dtype == real.dtype
+
+
+def test_attention_fake_matches_real(kernels) -> None:
+    q = torch.randn(2, 5, 3, 16).transpose(1, 2)
+    k, v, attn_mask = torch.randn(2, 3, 7, 16), torch.randn(2, 3, 7, 16), torch.randn(2, 1, 1, 7)
+    op = torch.ops.graphopt.attention.default
+    for args in ((q, k, v, attn_mask, 0.25), (q, k, v, None, 0.25)):
+        torch.library.opcheck(op, args)  # includes the fake's shape and strides against the kernel's
 
 
 class _SparseMlp(torch.nn.Module):
