@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--hidden-weight", type=float, default=0.2)
     r.add_argument("--criterion", choices=["magnitude", "activation"], default="magnitude",
                    help="magnitude: gradual schedule; activation: pruned once on activations with refit, then trained")
+    r.add_argument("--density", nargs="+", default=[], metavar="GLOB=FACTOR",
+                   help="relative kept fraction of layers (the prune pass's density), e.g. '*.attention.query=0.5'")
     r.add_argument("--cache", type=Path, help="keep pruned weights here; a later run reuses them (no training)")
     r.add_argument("--data", nargs="+", default=["sentences", "written", "recombined", "substituted"])
     r.add_argument("--int8", action="store_true", help="also lower to cpp with int8 values")
@@ -244,7 +246,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                        initial_sparsity=min(args.initial_sparsity, float(sparsity)),
                        prune_every=args.prune_every, prune_until=args.prune_until, batch_size=args.batch_size,
                        lr=args.lr, max_length=args.max_length, data=tuple(args.data), output=args.output_weight,
-                       hidden=args.hidden_weight, criterion=args.criterion, evaluate=False)
+                       hidden=args.hidden_weight, criterion=args.criterion, evaluate=False,
+                       density={glob: float(f) for glob, _, f in (d.rpartition("=") for d in args.density)})
         program, notes = _pruned(bundle, prune(**options), args.cache, spec)
         row: dict = {"config": spec, "options": options, "train_wall_s": notes["train"]["wall_s"],
                      "sparsity": notes["overall_sparsity"]}

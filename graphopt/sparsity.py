@@ -59,7 +59,7 @@ from torch import nn
 from graphopt.calibration import collect_second_moments
 
 __all__ = ["SPARSITY_KEY", "Pattern", "magnitude_mask", "global_magnitude_masks", "activation_mask",
-           "refit_kept_weights", "prune_layerwise", "mask_sparsity", "stored_density", "apply_masks",
+           "refit_kept_weights", "prune_layerwise", "allocate_sparsity", "mask_sparsity", "stored_density", "apply_masks",
            "cubic_sparsity", "pruning_schedule", "PruningHook", "KernelChoice", "KernelTable"]
 
 logger = logging.getLogger(__name__)
@@ -257,7 +257,37 @@ def refit_kept_weights(weight: torch.Tensor, second_moment: torch.Tensor, mask: 
     return fitted.to(torch.float32)
 
 
-def prune_layerwise(module: nn.Module, names: Sequence[str], sparsity: float,
+def allocate_sparsity(sizes: Mapping[str, int], sparsity: float,
+                      density: Mapping[str, float]) -> dict[str, float]:
+    """Each layer's sparsity such that ``sparsity`` of all ``sizes`` weights are removed, with
+    every layer's kept fraction proportional to ``density[name]`` (1 when absent).
+
+    A layer the proportion would make denser than dense is kept dense and the rest share what
+    remains (water-filling). Uniform factors give every layer ``sparsity``.
+
+    Raises:
+        ValueError: a factor that is not positive, or a sparsity outside [0, 1).
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    bad = {name: f for name, f in density.items() if not f > 0}
+    if bad:
+        raise ValueError(f"density factors must be > 0, got {bad}")
+    keep = (1.0 - sparsity) * sum(sizes.values())
+    dense: set[str] = set()
+    while True:
+        free = [name for name in sizes if name not in dense]
+        weighted = sum(density.get(name, 1.0) * sizes[name] for name in free)
+        if not free or weighted == 0:
+            return {name: 0.0 for name in sizes}
+        scale = (keep - sum(sizes[name] for name in dense)) / weighted
+        over = {name for name in free if density.get(name, 1.0) * scale >= 1.0}
+        if not over:
+            return {name: 0.0 if name in dense else 1.0 - density.get(name, 1.0) * scale for name in sizes}
+        dense |= over
+
+
+def prune_layerwise(module: nn.Module, names: Sequence[str], sparsity: float | Mapping[str, float],
                     batches: Iterable[Mapping[str, torch.Tensor]], *, pattern: str | Pattern = "unstructured",
                     refit: bool = True, damping: float = 0.01,
                     progress: Callable[[int, int, str], None] | None = None) -> dict[str, torch.Tensor]:
@@ -267,7 +297,7 @@ def prune_layerwise(module: nn.Module, names: Sequence[str], sparsity: float,
     input second moment is measured on ``batches`` through the model *as pruned so far*, so a
     layer is fitted to the inputs it will see, not the dense model's (as in SparseGPT). With
     ``refit`` the kept weights are re-solved (``refit_kept_weights``); otherwise they keep
-    their values. One forward pass over ``batches`` per layer, ended at that layer. Returns the
+    their values. ``sparsity`` is one for all layers or one per layer (``allocate_sparsity``). One forward pass over ``batches`` per layer, ended at that layer. Returns the
     masks, applied.
 
     Measured on all-MiniLM-L6-v2 at 90% unstructured (256 calibration sentences), held-out mean
@@ -286,7 +316,8 @@ def prune_layerwise(module: nn.Module, names: Sequence[str], sparsity: float,
         if name not in moments:
             raise ValueError(f"prune_layerwise: layer {name!r} did not run on the calibration batches")
         sigma = moments[name]
-        mask = activation_mask(layer.weight, sigma, sparsity, pattern)
+        target = sparsity if isinstance(sparsity, (int, float)) else sparsity[name]
+        mask = activation_mask(layer.weight, sigma, target, pattern)
         with torch.no_grad():
             if refit:
                 layer.weight.copy_(refit_kept_weights(layer.weight, sigma, mask, damping).to(layer.weight.dtype))
@@ -360,8 +391,12 @@ class PruningHook:
         scope: ``"layer"`` (each layer to the sparsity) or ``"global"`` (one threshold).
         schedule: step → sparsity (``pruning_schedule``); an empty one only re-applies ``masks``.
         masks: initial masks (default: none removed).
-        choose_masks: ``(module, sparsity) → masks`` in place of magnitude (it may also change
-            the kept weights, as ``prune_layerwise`` does); the hook applies what it returns.
+        choose_masks: ``(module, sparsities) → masks`` in place of magnitude, ``sparsities`` one
+            per layer (it may also change the kept weights, as ``prune_layerwise`` does); the hook
+            applies what it returns.
+        density: relative kept fraction of layers (``allocate_sparsity``; absent: 1): at each
+            point of the schedule the layers together reach its sparsity, each layer at its
+            share. Scope ``"layer"`` only.
 
     Attributes:
         masks: the current mask of each layer.
@@ -371,25 +406,35 @@ class PruningHook:
     def __init__(self, names: Sequence[str], *, pattern: str | Pattern = "unstructured", scope: Scope = "layer",
                  schedule: Mapping[int, float] | None = None,
                  masks: Mapping[str, torch.Tensor] | None = None,
-                 choose_masks: Callable[[nn.Module, float], Mapping[str, torch.Tensor]] | None = None) -> None:
+                 choose_masks: Callable[[nn.Module, Mapping[str, float]], Mapping[str, torch.Tensor]] | None = None,
+                 density: Mapping[str, float] | None = None) -> None:
         self.names, self.pattern, self.scope = list(names), Pattern.parse(pattern), scope
+        if density and scope != "layer":
+            raise ValueError("per-layer density needs scope = \"layer\" (a global threshold sets its own)")
         self.choose_masks = choose_masks
+        self.density = dict(density or {})
         self.schedule = dict(schedule or {})
         self.masks: dict[str, torch.Tensor] = dict(masks or {})
         self.history: list[tuple[int, float]] = []
 
     def prune(self, module: nn.Module, sparsity: float, step: int = -1) -> None:
-        """Recomputes every mask at ``sparsity`` from the current weights and applies it."""
+        """Recomputes every mask at ``sparsity`` (overall) from the current weights and applies it."""
+        weights = {name: module.get_submodule(name).weight for name in self.names}
+        targets = self.layer_sparsity(sparsity, {name: w.numel() for name, w in weights.items()})
         if self.choose_masks is not None:
-            self.masks = dict(self.choose_masks(module, sparsity))
+            self.masks = dict(self.choose_masks(module, targets))
+        elif self.scope == "global":
+            self.masks = global_magnitude_masks(weights, sparsity, self.pattern)
         else:
-            weights = {name: module.get_submodule(name).weight for name in self.names}
-            if self.scope == "global":
-                self.masks = global_magnitude_masks(weights, sparsity, self.pattern)
-            else:
-                self.masks = {name: magnitude_mask(w, sparsity, self.pattern) for name, w in weights.items()}
+            self.masks = {name: magnitude_mask(w, targets[name], self.pattern) for name, w in weights.items()}
         apply_masks(module, self.masks)
         self.history.append((step, sparsity))
+
+    def layer_sparsity(self, sparsity: float, sizes: Mapping[str, int]) -> dict[str, float]:
+        """Each layer's share of an overall ``sparsity`` (``density``; all equal without it)."""
+        if not self.density:
+            return {name: sparsity for name in sizes}
+        return allocate_sparsity(sizes, sparsity, self.density)
 
     def before_step(self, step: int, student: nn.Module) -> None:
         if step in self.schedule:

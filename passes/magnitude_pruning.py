@@ -37,7 +37,7 @@ import dataclasses
 import fnmatch
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -82,7 +82,9 @@ class PruneOptions(TrainingOptions):
     scope "layer" only). refit: with "activation", re-solve the kept weights by least
     squares on the calibration inputs. calibration_sentences: how many training sentences
     (drawn with the seed from ``data``) calibrate "activation". layers, exclude: fnmatch globs over
-    nn.Linear names. steps: trainer steps (0: prune once, no training). initial_sparsity,
+    nn.Linear names. density: glob → relative kept fraction (scope "layer"): a layer keeps in
+    proportion to the product of the factors of the globs it matches (1 for none), and the
+    layers together reach ``sparsity`` (``graphopt.sparsity.allocate_sparsity``). steps: trainer steps (0: prune once, no training). initial_sparsity,
     prune_every, prune_until: the cubic schedule (final sparsity at prune_until × steps, masks
     fixed after). batch_size, lr, warmup_steps, weight_decay, grad_clip, seed, max_length,
     dropout: the trainer's. soft_label, hidden, attention, output: distillation loss weights
@@ -98,6 +100,7 @@ class PruneOptions(TrainingOptions):
     calibration_sentences: int = 256
     layers: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
+    density: dict[str, float] = dataclasses.field(default_factory=dict)
     steps: int = 0
     initial_sparsity: float = 0.0
     prune_every: int = 10
@@ -134,6 +137,10 @@ class PruneOptions(TrainingOptions):
             (self.criterion != "activation" or self.scope == "layer",
              "criterion \"activation\" prunes layer by layer: scope = \"layer\""),
             (self.calibration_sentences >= 1, f"calibration_sentences must be >= 1, got {self.calibration_sentences}"),
+            (not self.density or self.scope == "layer", "density sets each layer's share: scope = \"layer\""),
+            (not self.density or pattern.kind != "n:m", f"pattern {pattern} fixes every layer's sparsity: no density"),
+            (all(isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in self.density.values()),
+             f"density factors must be numbers > 0, got {self.density}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -162,6 +169,17 @@ class MagnitudePruningPass(Pass):
     Options = PruneOptions
     train_progress: Callable[[TrainProgress], None] | None = None
 
+    def _density(self, names: list[str]) -> dict[str, float]:
+        """Each selected layer's density factor: the product of its matching globs' factors."""
+        factors = {}
+        for name in names:
+            factor = 1.0
+            for glob, f in self.options.density.items():
+                if fnmatch.fnmatchcase(name, glob):
+                    factor *= f
+            factors[name] = factor
+        return factors
+
     def _select(self, module: nn.Module) -> list[str]:
         o = self.options
         return [name for name, m in module.named_modules() if isinstance(m, nn.Linear)
@@ -172,6 +190,10 @@ class MagnitudePruningPass(Pass):
         if not self._select(program.ir):
             raise PreconditionError(f"prune: no nn.Linear matches layers={list(self.options.layers)} "
                                     f"exclude={list(self.options.exclude)}")
+        unmatched = [g for g in self.options.density if not any(fnmatch.fnmatchcase(n, g) for n in self._select(program.ir))]
+        if unmatched:
+            raise PreconditionError(f"prune: density globs {unmatched} match no pruned layer (layers are named like "
+                                    f"{self._select(program.ir)[0]!r})")
         if self.options.steps and program.tokenizer is None:
             raise PreconditionError(f"prune: steps = {self.options.steps} distils on sentences and needs a text "
                                     f"model with a tokenizer (model {program.info.get('model')!r} has none); "
@@ -195,17 +217,20 @@ class MagnitudePruningPass(Pass):
         choose = self._activation_masks(program, names, calibration) if calibration is not None else None
         schedule = pruning_schedule(o.steps, o.sparsity, initial=o.initial_sparsity, every=o.prune_every,
                                     until=o.prune_until)
-        hook = PruningHook(names, pattern=o.pattern, scope=o.scope, schedule=schedule, choose_masks=choose)
+        hook = PruningHook(names, pattern=o.pattern, scope=o.scope, schedule=schedule, choose_masks=choose,
+                           density=self._density(names) if o.density else None)
         if choose is not None and len(schedule) > 5:
             logger.warning("prune: criterion \"activation\" calibrates every layer at each of the schedule's %d "
                            "pruning points (%d forward passes over %d sentences); raise prune_every or "
                            "initial_sparsity to prune fewer times", len(schedule), len(schedule) * len(names),
                            len(calibration))
+        if hook.density:
+            notes["density"] = hook.density
         if choose is not None:
             notes["calibration"] = {"sentences": len(calibration), "refit": o.refit}
         elif dense is not None and o.steps:  # what pruning at once would have cost, for comparison
             clone = program.clone()
-            PruningHook(names, pattern=o.pattern, scope=o.scope).prune(clone.ir, o.sparsity)
+            PruningHook(names, pattern=o.pattern, scope=o.scope, density=hook.density).prune(clone.ir, o.sparsity)
             notes["heldout_vs_dense_one_shot"] = _agreement(clone.ir, program.tokenizer, dense)
         if o.steps:
             result = train(program.ir, teacher, sentences, o.loss(), o.train_config(),
@@ -234,7 +259,7 @@ class MagnitudePruningPass(Pass):
         def progress(done: int, total: int, name: str) -> None:
             logger.info("prune: layer %d/%d (%s) pruned on activations", done, total, name)
 
-        def choose(module: nn.Module, sparsity: float) -> dict[str, Any]:
+        def choose(module: nn.Module, sparsity: Mapping[str, float]) -> dict[str, Any]:
             return prune_layerwise(module, names, sparsity, batches, pattern=o.pattern, refit=o.refit,
                                    progress=progress)
 

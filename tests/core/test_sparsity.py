@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from graphopt.sparsity import (KernelTable, Pattern, PruningHook, activation_mask, apply_masks, cubic_sparsity,
+from graphopt.sparsity import (KernelTable, Pattern, PruningHook, activation_mask, allocate_sparsity, apply_masks,
+                               cubic_sparsity,
                                global_magnitude_masks, magnitude_mask, mask_sparsity, prune_layerwise,
                                pruning_schedule, refit_kept_weights, stored_density)
 
@@ -86,6 +87,24 @@ def test_global_block_masks_and_refusals() -> None:
         global_magnitude_masks({"a": _weight()}, 0.5, "2:4")
     with pytest.raises(ValueError, match="unknown sparsity pattern"):
         Pattern.parse("diagonal")
+
+
+def test_allocation_keeps_in_proportion_and_reaches_the_total() -> None:
+    sizes = {"a": 100, "b": 300, "c": 600}
+    assert allocate_sparsity(sizes, 0.9, {}) == pytest.approx({"a": 0.9, "b": 0.9, "c": 0.9})
+    shares = allocate_sparsity(sizes, 0.9, {"a": 3.0, "c": 0.5})
+    kept = {n: 1 - s for n, s in shares.items()}
+    assert kept["a"] / 3.0 == pytest.approx(kept["b"]) == pytest.approx(kept["c"] / 0.5)
+    assert sum(sizes[n] * s for n, s in shares.items()) == pytest.approx(0.9 * 1000)
+    # A share beyond dense is capped: "a" stays dense, the others split what is left.
+    capped = allocate_sparsity(sizes, 0.5, {"a": 100.0})
+    assert capped["a"] == 0.0 and capped["b"] == pytest.approx(capped["c"])
+    assert sum(sizes[n] * s for n, s in capped.items()) == pytest.approx(0.5 * 1000)
+    assert allocate_sparsity(sizes, 0.0, {"a": 2.0}) == {"a": 0.0, "b": 0.0, "c": 0.0}
+    with pytest.raises(ValueError, match="> 0"):
+        allocate_sparsity(sizes, 0.5, {"a": -1.0})
+    with pytest.raises(ValueError, match="sparsity"):
+        allocate_sparsity(sizes, 1.0, {})
 
 
 def test_cubic_schedule_starts_ends_and_is_monotone() -> None:

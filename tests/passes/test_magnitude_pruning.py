@@ -58,6 +58,34 @@ def test_global_scope_hits_the_total(tiny_program: Program) -> None:
     assert len({r["sparsity"] for r in result.notes["layers"].values()}) > 1  # per-layer share differs
 
 
+@pytest.mark.parametrize("criterion", ["magnitude", "activation"])
+def test_density_shares_the_sparsity_between_layers(tiny_program: Program, criterion: str) -> None:
+    """density: layers keep in proportion to their factors (product over matching globs), and
+    all together reach the asked sparsity; the notes give the factors."""
+    density = {"*.attention.query": 0.5, "*.attention.key": 0.5, "layers.1.*": 2.0}
+    result = Prune(sparsity=0.8, density=density, criterion=criterion, calibration_sentences=16,
+                   data=("sentences",), max_length=16, evaluate=False)(tiny_program.clone())
+    rows = result.notes["layers"]
+    kept = {name: 1 - row["sparsity"] for name, row in rows.items()}
+    factors = result.notes["density"]
+    assert factors["layers.1.attention.query"] == 1.0 and factors["layers.0.attention.key"] == 0.5
+    assert factors["layers.1.ffn.output"] == 2.0 and factors["layers.0.ffn.output"] == 1.0
+    for name in rows:  # kept fraction / factor is one constant (up to rounding to whole weights)
+        assert kept[name] / factors[name] == pytest.approx(kept["layers.0.ffn.output"], rel=0.02), name
+    assert result.notes["overall_sparsity"] == pytest.approx(0.8, abs=1e-3)
+
+
+def test_density_is_checked(tiny_program: Program) -> None:
+    with pytest.raises(ValueError, match="scope"):
+        Prune(density={"*": 2.0}, scope="global")
+    with pytest.raises(ValueError, match="> 0"):
+        Prune(density={"*.query": 0.0})
+    with pytest.raises(ValueError, match="no density"):
+        Prune(sparsity=0.5, pattern="2:4", density={"*": 2.0})
+    with pytest.raises(PreconditionError, match="match no pruned layer"):
+        Prune(density={"*.querry": 0.5})(tiny_program)
+
+
 def test_options_are_validated_with_clear_messages(tiny_program: Program) -> None:
     with pytest.raises(ValueError, match="fixes the sparsity at 0.5"):
         Prune(pattern="2:4")
