@@ -127,14 +127,20 @@ inline void row_tile(const I* col, const V* val, int64_t n, const float* xt, v8f
 #pragma GCC unroll 8
     for (int q = 0; q < NV; ++q) acc[s][q] = v8f{};
   int64_t k = 0;
-  // Chunks of 8 nonzeros (S divides 8); int8 values are converted 8 at a time.
+  // Chunks of 8 nonzeros (S divides 8); int8 values are converted 8 at a time, and int16
+  // indices read four to a 64-bit load: the loop is bound by loads (x rows, value broadcasts,
+  // indices), and shifts are cheaper (36 MiniLM-shaped layers at 15 and 120 rows: -4 to -5%).
   for (; k + 8 <= n; k += 8) {
     alignas(32) float vconv[8];
     if constexpr (sizeof(V) == 1) store8(vconv, load8_as_float(val + k));
+    uint64_t idx4[2];
+    if constexpr (sizeof(I) == 2) std::memcpy(idx4, col + k, sizeof idx4);
 #pragma GCC unroll 8
     for (int j = 0; j < 8; ++j) {
       const float v = sizeof(V) == 1 ? vconv[j] : to_float(val[k + j]);
-      const float* xr = xt + static_cast<int64_t>(col[k + j]) * TB;
+      const int64_t c = sizeof(I) == 2 ? static_cast<uint16_t>(idx4[j / 4] >> (16 * (j % 4)))
+                                       : static_cast<int64_t>(col[k + j]);
+      const float* xr = xt + c * TB;
 #pragma GCC unroll 8
       for (int q = 0; q < NV; ++q) acc[j % S][q] += v * load8(xr + 8 * q);
     }
