@@ -17,34 +17,6 @@ namespace {
 
 using namespace detail;
 
-// e^x for eight floats (Cephes' expf: 2^n * p(r), |r| <= ln2/2, degree-5 polynomial; rel.
-// error ~1e-7 on [-87, 88], 0 below -87.3). Torch's own vectorised exp is the same method.
-inline v8f exp8(v8f x) {
-#ifdef GRAPHOPT_AVX2
-  __m256 v = _mm256_max_ps(_mm256_min_ps((__m256)x, _mm256_set1_ps(88.3762626647949f)),
-                           _mm256_set1_ps(-87.3365447504f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  v = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), v);
-  v = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), v);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, v, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, v, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, v, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, v, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, v, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(v, v), _mm256_add_ps(v, _mm256_set1_ps(1.f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  // Below the clamp the result is 0, as exp underflows (fully masked keys contribute nothing).
-  const __m256 tiny = _mm256_cmp_ps((__m256)x, _mm256_set1_ps(-87.3365447504f), _CMP_LT_OQ);
-  return (v8f)_mm256_andnot_ps(tiny, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
-#else
-  v8f r;
-  for (int i = 0; i < 8; ++i) r[i] = std::exp(x[i]);
-  return r;
-#endif
-}
-
 // Scores of QB queries against the key vectors [8 * c0, 8 * (c0 + NC)) of the panel kt
 // ([D, keys_pad]): s[i][...] = sum_d q_i[d] * kt[d][...]. QB * NC accumulators in registers.
 template <int QB, int NC>

@@ -28,10 +28,12 @@ Schemas::
     graphopt::sell_linear_int8(Tensor x, Tensor slice_ptr, Tensor row_order, Tensor col_idx,
                                Tensor values, Tensor scales, Tensor? bias, int out_features) -> Tensor
     graphopt::attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float scale) -> Tensor
+    graphopt::gelu(Tensor x) -> Tensor
 
 ``attention`` is ``F.scaled_dot_product_attention`` (additive float mask, no dropout, not
 causal) for short sequences, where torch's CPU kernels spend most of their time outside the
-arithmetic (``attention.cpp``); the cpp backend swaps it in (``lower_attention``).
+arithmetic (``attention.cpp``); ``gelu`` is the exact (erf) GELU with a cheaper erf
+(``gelu.cpp``). The cpp backend swaps both in (``lower_attention``, ``lower_gelu``).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ __all__ = [
     "c_shim_declarations",
     "csr_linear",
     "csr_linear_int8",
+    "gelu",
     "pack_bsr",
     "pack_csr",
     "pack_sell",
@@ -93,6 +96,7 @@ OP_SCHEMAS: dict[str, str] = {
         "Tensor scales, Tensor? bias, int out_features) -> Tensor"
     ),
     "attention": "attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float scale) -> Tensor",
+    "gelu": "gelu(Tensor x) -> Tensor",
 }
 
 # "DEF" owns the namespace: a second declaration anywhere fails loudly at import. The
@@ -135,9 +139,14 @@ def _attention_fake(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, s
     return q.new_empty((batch, tokens, heads, dim)).transpose(1, 2)
 
 
+def _gelu_fake(x: Tensor) -> Tensor:
+    torch._check(x.dtype == torch.float32, lambda: f"x must be float32, got {x.dtype}")
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+_FAKES: dict[str, Callable[..., Tensor]] = {"attention": _attention_fake, "gelu": _gelu_fake}
 for _name in OP_SCHEMAS:
-    fake = _attention_fake if _name == "attention" else _make_fake(_name)
-    torch.library.register_fake(f"graphopt::{_name}", fake, lib=_LIB)
+    torch.library.register_fake(f"graphopt::{_name}", _FAKES.get(_name) or _make_fake(_name), lib=_LIB)
 
 
 #: C types of schema arguments in AOTInductor's C shim convention.
@@ -327,6 +336,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
     """
     _ensure_kernels(q)
     return torch.ops.graphopt.attention.default(q, k, v, attn_mask, q.shape[-1] ** -0.5 if scale is None else scale)
+
+
+def gelu(x: Tensor) -> Tensor:
+    """``F.gelu(x)`` (exact, erf form) for float32 ``x``, within ~4e-7 of it (A&S 7.1.26 erf);
+    returns a new contiguous tensor."""
+    _ensure_kernels(x)
+    return torch.ops.graphopt.gelu.default(x)
 
 
 def sparse_linear(

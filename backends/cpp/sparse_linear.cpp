@@ -1,5 +1,5 @@
-// CPU implementations of the graphopt::{csr,bsr,sell}_linear{,_int8} ops and of
-// graphopt::attention.
+// CPU implementations of the graphopt::{csr,bsr,sell}_linear{,_int8} ops, graphopt::attention
+// and graphopt::gelu.
 //
 // The schemas live in backends/cpp/ops.py (torch.library, namespace "graphopt"); this file
 // only implements them with TORCH_LIBRARY_IMPL, because a second TORCH_LIBRARY for one
@@ -12,6 +12,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/scaled_dot_product_attention.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
@@ -285,6 +286,15 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::T
   return out;
 }
 
+at::Tensor gelu(const at::Tensor& x_in) {
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat, "graphopt::gelu: x must be a float32 CPU "
+              "tensor, got ", x_in.scalar_type(), " on ", x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor y = at::empty_like(x);
+  gelu_forward(x.data_ptr<float>(), y.data_ptr<float>(), x.numel());
+  return y;
+}
+
 }  // namespace
 }  // namespace graphopt
 
@@ -296,6 +306,7 @@ TORCH_LIBRARY_IMPL(graphopt, CPU, m) {
   m.impl("sell_linear", &graphopt::sell_linear);
   m.impl("sell_linear_int8", &graphopt::sell_linear_int8);
   m.impl("attention", &graphopt::attention);
+  m.impl("gelu", &graphopt::gelu);
 }
 
 // C entry points for code compiled by AOTInductor (its "C shim" convention: tensors as
@@ -364,5 +375,8 @@ AOTI_TORCH_EXPORT AOTITorchError aoti_torch_cpu_sell_linear_int8(Handle x, Handl
 AOTI_TORCH_EXPORT AOTITorchError aoti_torch_cpu_attention(Handle q, Handle k, Handle v, Handle* attn_mask,
                                                           double scale, Handle* ret0) {
   return call_from_shim(graphopt::attention, ret0, q, k, v, attn_mask, scale);
+}
+AOTI_TORCH_EXPORT AOTITorchError aoti_torch_cpu_gelu(Handle x, Handle* ret0) {
+  return call_from_shim(graphopt::gelu, ret0, x);
 }
 }  // extern "C"

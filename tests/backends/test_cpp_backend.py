@@ -74,25 +74,28 @@ def test_outputs_match_the_pruned_module_fp32_and_int8(pruned: Program, table: s
     assert sqnr_db(int8(**pruned.example_inputs)[0], want) > 30.0
 
 
-def test_attention_runs_through_graphopt_attention(pruned: Program, table: str) -> None:
-    """Both layers' scaled_dot_product_attention become graphopt::attention, with the same
-    outputs (padding masked) as the program lowered with torch's attention."""
+def test_attention_and_gelu_run_through_our_ops(pruned: Program, table: str) -> None:
+    """Both layers' scaled_dot_product_attention and GELU become graphopt::attention and
+    graphopt::gelu, with the same outputs (padding masked) as the program lowered with torch's."""
     ours = graphopt.compile(pruned, backend="cpp", table=table, aot=False)
-    torchs = graphopt.compile(pruned, backend="cpp", table=table, aot=False, attention=False)
+    torchs = graphopt.compile(pruned, backend="cpp", table=table, aot=False, attention=False, gelu=False)
     targets = [str(n.target) for n in ours.exported.graph.nodes if n.op == "call_function"]
     assert ours.notes["attention_calls"] == 2 == targets.count("graphopt.attention.default")
-    assert "aten.scaled_dot_product_attention.default" not in targets
-    assert torchs.notes["attention_calls"] == 0
-    assert "aten.scaled_dot_product_attention.default" in {str(n.target) for n in torchs.exported.graph.nodes}
+    assert ours.notes["gelu_calls"] == 2 == targets.count("graphopt.gelu.default")
+    assert not {"aten.scaled_dot_product_attention.default", "aten.gelu.default"} & set(targets)
+    assert torchs.notes["attention_calls"] == torchs.notes["gelu_calls"] == 0
+    assert {"aten.scaled_dot_product_attention.default", "aten.gelu.default"} <= {
+        str(n.target) for n in torchs.exported.graph.nodes}
     inputs = pruned.tokenizer(["One short sentence.", "And a second, somewhat longer sentence here."])
     np.testing.assert_allclose(ours(**inputs)[0], torchs(**inputs)[0], rtol=0, atol=1e-5)
 
 
-def test_attention_it_does_not_compute_is_left_to_torch() -> None:
-    """Causal attention, dropout and a head size that is not a multiple of 8 keep torch's op."""
+def test_attention_and_gelu_they_do_not_compute_are_left_to_torch() -> None:
+    """Causal attention, dropout, a head size that is not a multiple of 8 and tanh GELU keep
+    torch's ops."""
     import torch
     import torch.nn.functional as F
-    from graphopt.backends.cpp.backend import lower_attention
+    from graphopt.backends.cpp.backend import lower_attention, lower_gelu
 
     class Attend(torch.nn.Module):
         def forward(self, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -100,10 +103,11 @@ def test_attention_it_does_not_compute_is_left_to_torch() -> None:
             dropped = F.scaled_dot_product_attention(q, q, q, dropout_p=0.5)
             narrow = F.scaled_dot_product_attention(r, r, r)
             plain = F.scaled_dot_product_attention(q, q, q, scale=0.5)
-            return causal.sum() + dropped.sum() + narrow.sum() + plain.sum()
+            return causal.sum() + dropped.sum() + narrow.sum() + plain.sum() + F.gelu(q, approximate="tanh").sum()
 
     exported = torch.export.export(Attend(), (torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 12)))
     assert lower_attention(exported) == 1
+    assert lower_gelu(exported) == 0
     targets = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
     assert targets.count("aten.scaled_dot_product_attention.default") == 3
     (fused,) = [n for n in exported.graph.nodes if str(n.target) == "graphopt.attention.default"]
@@ -253,7 +257,7 @@ def test_compiled_code_calls_every_op_through_its_c_entry_point() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             heads = x.unflatten(-1, (3, 8)).transpose(1, 2)  # [3, 5, 24] -> [3, 3 heads, 5, 8]
             mask = torch.zeros(x.shape[0], 1, 1, x.shape[1])
-            attended = ops.attention(heads, heads, heads, mask).transpose(1, 2).flatten(2)
+            attended = ops.gelu(ops.attention(heads, heads, heads, mask).transpose(1, 2).flatten(2))
             return torch.stack([layer(attended) for layer in self.layers])
 
     module, x = EveryOp().eval(), torch.randn(3, 5, 24, generator=gen)

@@ -144,6 +144,21 @@ def test_attention_matches_torch(kernels, batch, heads, queries, keys, head_dim,
         assert not got[:, :, 0].any()
 
 
+@pytest.mark.parametrize("shape", [(0,), (1,), (7,), (8,), (15, 1536), (3, 5, 33)])
+def test_gelu_matches_torch(kernels, shape) -> None:
+    """graphopt::gelu against F.gelu (exact form) on normal values, within 1e-6 absolute (its
+    erf is a rational approximation; torch's own float error is ~4e-7), and on a sweep of the
+    whole range, infinities and zeros included."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 3
+    torch.testing.assert_close(ops.gelu(x), F.gelu(x), rtol=0, atol=1e-6)
+    sweep = torch.cat([torch.linspace(-30, 30, 100_003), torch.tensor([float("inf"), -0.0, 0.0, 1e-30, -1e-30])])
+    torch.testing.assert_close(ops.gelu(sweep), F.gelu(sweep), rtol=0, atol=1e-6)
+    strided = torch.randn(16, 24)[:, ::2]  # not contiguous: copied, not misread
+    torch.testing.assert_close(ops.gelu(strided), F.gelu(strided), rtol=0, atol=1e-6)
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.gelu(x.double())
+
+
 def test_attention_rejects_what_it_does_not_compute(kernels) -> None:
     q = torch.randn(1, 2, 3, 16)
     with pytest.raises(RuntimeError, match="multiple of 8"):
@@ -283,12 +298,13 @@ def test_fake_matches_real(kernels, name, pack) -> None:
         assert fake.shape == real.shape and fake.dtype == real.dtype
 
 
-def test_attention_fake_matches_real(kernels) -> None:
+def test_attention_and_gelu_fakes_match_real(kernels) -> None:
     q = torch.randn(2, 5, 3, 16).transpose(1, 2)
     k, v, attn_mask = torch.randn(2, 3, 7, 16), torch.randn(2, 3, 7, 16), torch.randn(2, 1, 1, 7)
     op = torch.ops.graphopt.attention.default
     for args in ((q, k, v, attn_mask, 0.25), (q, k, v, None, 0.25)):
         torch.library.opcheck(op, args)  # includes the fake's shape and strides against the kernel's
+    torch.library.opcheck(torch.ops.graphopt.gelu.default, (torch.randn(3, 5, 8).transpose(0, 1),))
 
 
 class _SparseMlp(torch.nn.Module):
