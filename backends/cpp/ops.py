@@ -1,14 +1,14 @@
 """Declarations of graphopt's C++ ops: schemas, typed wrappers and fake implementations.
 
 Every op of the ``graphopt`` namespace is declared here and only here, with
-``torch.library``; the C++ side (``sparse_linear.cpp``) only implements them with
+``torch.library``; the C++ side (``ops.cpp``) only implements them with
 ``TORCH_LIBRARY_IMPL``, because a second ``TORCH_LIBRARY`` for one namespace terminates the
 process (measured, torch 2.13). The fake implementations let ``torch.export``, fx and
 ``torch.compile`` trace models that call the ops without the extension being built;
-``c_shim_declarations`` gives AOTInductor the ops' C entry points (``sparse_linear.cpp``).
+``c_shim_declarations`` gives AOTInductor the ops' C entry points (``ops.cpp``).
 
 The kernels are hand-written (see ``sparse_common.h``): no maintained library does sparse
-weight x dense activation fast on CPU at Transformer shapes. All ops compute
+weight x dense activation fast on CPU at Transformer shapes. The ``*_linear`` ops compute
 ``y = x @ W.T + b`` for a sparse ``W [out_features, in_features]``, with ``x [..., in]``
 of any leading dims, float32, on the CPU. Weight layouts are described in ``packing.py``;
 pack with :func:`pack_csr` / :func:`pack_bsr` / :func:`pack_sell`.
@@ -155,7 +155,7 @@ _C_SHIM_TYPES = {"Tensor": "AtenTensorHandle", "Optional[Tensor]": "AtenTensorHa
 
 
 def c_shim_declarations() -> dict[torch._ops.OpOverload, list[str]]:
-    """Each op's C entry point (``aoti_torch_cpu_<name>`` in ``sparse_linear.cpp``), as
+    """Each op's C entry point (``aoti_torch_cpu_<name>`` in ``ops.cpp``), as
     AOTInductor's ``aot_inductor.custom_ops_to_c_shims`` takes them: compiled code then calls
     the kernels directly rather than through the boxed dispatcher. Built from the schemas,
     so the declarations cannot drift from the ops."""
@@ -339,8 +339,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
 
 
 def gelu(x: Tensor) -> Tensor:
-    """``F.gelu(x)`` (exact, erf form) for float32 ``x``, within ~4e-7 of it (A&S 7.1.26 erf);
-    returns a new contiguous tensor."""
+    """``F.gelu(x)`` (exact, erf form) for float32 ``x``, within 1e-6 of it (a rational erf,
+    see ``gelu.cpp``); returns a new contiguous tensor."""
     _ensure_kernels(x)
     return torch.ops.graphopt.gelu.default(x)
 
