@@ -20,7 +20,8 @@ Usage::
     python benchmarks/prune.py table --write
     python benchmarks/prune.py run --steps 150 --cache /tmp/pruned --int8 --json out.json
     python benchmarks/prune.py run --configs 0.9 --steps 1500 --int8 --criterion activation \
-        --initial-sparsity 0.6 --prune-every 300 --prune-until 0.4 --lr 1e-3   # the sparse-90 schedule
+        --initial-sparsity 0.6 --prune-every 300 --prune-until 0.4 --lr 1e-3 \
+        --density '*.attention.query=0.5' '*.attention.key=0.5' ...   # sparse-90: its density table too
 
 Latency is the calling thread's CPU time: right at ``--threads 1`` only.
 """
