@@ -59,8 +59,8 @@ from torch import nn
 from graphopt.calibration import collect_second_moments
 
 __all__ = ["SPARSITY_KEY", "Pattern", "magnitude_mask", "global_magnitude_masks", "activation_mask",
-           "refit_kept_weights", "prune_layerwise", "allocate_sparsity", "mask_sparsity", "stored_density", "apply_masks",
-           "cubic_sparsity", "pruning_schedule", "PruningHook", "KernelChoice", "KernelTable"]
+           "refit_kept_weights", "prune_layerwise", "allocate_sparsity", "mask_sparsity", "stored_density",
+           "apply_masks", "cubic_sparsity", "pruning_schedule", "PruningHook", "KernelChoice", "KernelTable"]
 
 logger = logging.getLogger(__name__)
 
@@ -297,8 +297,8 @@ def prune_layerwise(module: nn.Module, names: Sequence[str], sparsity: float | M
     input second moment is measured on ``batches`` through the model *as pruned so far*, so a
     layer is fitted to the inputs it will see, not the dense model's (as in SparseGPT). With
     ``refit`` the kept weights are re-solved (``refit_kept_weights``); otherwise they keep
-    their values. ``sparsity`` is one for all layers or one per layer (``allocate_sparsity``). One forward pass over ``batches`` per layer, ended at that layer. Returns the
-    masks, applied.
+    their values. ``sparsity`` is one for all layers or one per layer (``allocate_sparsity``).
+    One forward pass over ``batches`` per layer, ended at that layer. Returns the masks, applied.
 
     Measured on all-MiniLM-L6-v2 at 90% unstructured (256 calibration sentences), held-out mean
     cosine of the pruned model with the dense one before any training: magnitude 0.23,

@@ -84,7 +84,8 @@ class PruneOptions(TrainingOptions):
     (drawn with the seed from ``data``) calibrate "activation". layers, exclude: fnmatch globs over
     nn.Linear names. density: glob → relative kept fraction (scope "layer"): a layer keeps in
     proportion to the product of the factors of the globs it matches (1 for none), and the
-    layers together reach ``sparsity`` (``graphopt.sparsity.allocate_sparsity``). steps: trainer steps (0: prune once, no training). initial_sparsity,
+    layers together reach ``sparsity`` (``graphopt.sparsity.allocate_sparsity``). steps:
+    trainer steps (0: prune once, no training). initial_sparsity,
     prune_every, prune_until: the cubic schedule (final sparsity at prune_until × steps, masks
     fixed after). batch_size, lr, warmup_steps, weight_decay, grad_clip, seed, max_length,
     dropout: the trainer's. soft_label, hidden, attention, output: distillation loss weights
@@ -187,13 +188,14 @@ class MagnitudePruningPass(Pass):
                 and not any(fnmatch.fnmatchcase(name, g) for g in o.exclude)]
 
     def requires(self, program: Program) -> None:
-        if not self._select(program.ir):
+        selected = self._select(program.ir)
+        if not selected:
             raise PreconditionError(f"prune: no nn.Linear matches layers={list(self.options.layers)} "
                                     f"exclude={list(self.options.exclude)}")
-        unmatched = [g for g in self.options.density if not any(fnmatch.fnmatchcase(n, g) for n in self._select(program.ir))]
+        unmatched = [g for g in self.options.density if not any(fnmatch.fnmatchcase(n, g) for n in selected)]
         if unmatched:
-            raise PreconditionError(f"prune: density globs {unmatched} match no pruned layer (layers are named like "
-                                    f"{self._select(program.ir)[0]!r})")
+            raise PreconditionError(f"prune: density globs {unmatched} match no pruned layer (layers are named "
+                                    f"like {selected[0]!r})")
         if self.options.steps and program.tokenizer is None:
             raise PreconditionError(f"prune: steps = {self.options.steps} distils on sentences and needs a text "
                                     f"model with a tokenizer (model {program.info.get('model')!r} has none); "

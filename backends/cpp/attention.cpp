@@ -9,7 +9,6 @@
 // broadcast-FMA over value rows. Rows whose mask is -inf everywhere give zeros, like torch.
 #include "sparse_common.h"
 
-#include <cmath>
 #include <limits>
 
 namespace graphopt {

@@ -194,7 +194,8 @@ def lower_attention(exported: torch.export.ExportedProgram) -> int:
                                           or mask_val.dim() > 4))):
             return None
         dims = [t.shape[3] for t in vals]
-        if not all(isinstance(d, int) and d == dims[0] for d in dims) or dims[0] % 8 or vals[0].shape[1] != vals[1].shape[1]:
+        same_heads = vals[0].shape[1] == vals[1].shape[1]
+        if not all(isinstance(d, int) and d == dims[0] for d in dims) or dims[0] % 8 or not same_heads:
             return None
         scale = a.get("scale")
         return q, k, v, mask, float(dims[0] ** -0.5 if scale is None else scale)
