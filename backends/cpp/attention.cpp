@@ -99,12 +99,14 @@ void head(const AttentionProblem& p, int64_t b, int64_t h, float* kt, float* sco
   for (int64_t i0 = 0; i0 < p.queries; i0 += QB) {
     // A short last block repeats the last query (computed, not stored): one code path.
     const float* q[QB];
+    const float* mrow[QB];
     float* s[QB];
     float* out[QB];
     const int nq = static_cast<int>(std::min<int64_t>(QB, p.queries - i0));
     for (int i = 0; i < QB; ++i) {
       const int64_t qi = i0 + std::min(i, nq - 1);
       q[i] = p.q + b * p.q_stride[0] + h * p.q_stride[1] + qi * p.q_stride[2];
+      mrow[i] = p.mask ? p.mask + b * p.mask_stride[0] + h * p.mask_stride[1] + qi * p.mask_stride[2] : nullptr;
       s[i] = scores + i * keys_pad;
       out[i] = p.out + b * p.out_stride[0] + h * p.out_stride[1] + qi * p.out_stride[2];
     }
@@ -113,12 +115,10 @@ void head(const AttentionProblem& p, int64_t b, int64_t h, float* kt, float* sco
     if (c < keys_pad / 8) score_block<QB, 1>(q, kt, keys_pad, d_len, c, s);
     float inv[QB];
     for (int i = 0; i < QB; ++i) {
-      const float* mrow = p.mask ? p.mask + b * p.mask_stride[0] + h * p.mask_stride[1] +
-                                       (i0 + std::min(i, nq - 1)) * p.mask_stride[2]
-                                 : nullptr;
+      const float* m = mrow[i];
       int64_t j = 0;
-      for (; j + 8 <= keys; j += 8) store8(s[i] + j, load8(s[i] + j) * p.scale + (mrow ? load8(mrow + j) : v8f{}));
-      for (; j < keys; ++j) s[i][j] = s[i][j] * p.scale + (mrow ? mrow[j] : 0.f);
+      for (; j + 8 <= keys; j += 8) store8(s[i] + j, load8(s[i] + j) * p.scale + (m ? load8(m + j) : v8f{}));
+      for (; j < keys; ++j) s[i][j] = s[i][j] * p.scale + (m ? m[j] : 0.f);
       for (; j < keys_pad; ++j) s[i][j] = -std::numeric_limits<float>::infinity();
       inv[i] = softmax_row(s[i], keys_pad);
     }

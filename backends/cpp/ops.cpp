@@ -257,6 +257,8 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::T
   // torch's flash attention does): the usual transpose + flatten after attention is then free.
   at::Tensor out = at::empty({B, S, H, D}, q.options()).transpose(1, 2);
   if (out.numel() == 0) return out;
+  if (K == 0) return out.zero_();
+  if (K > kMaxAttentionKeys) return out.copy_(at::scaled_dot_product_attention(q, k, v, attn_mask, 0.0, false, scale));
   AttentionProblem p{};
   p.q = q.data_ptr<float>();
   p.k = k.data_ptr<float>();
@@ -274,14 +276,6 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::T
   strides3(out, p.out_stride);
   if (attn_mask) strides3(mask, p.mask_stride);
   p.scale = static_cast<float>(scale);
-  if (K == 0) {
-    out.zero_();
-    return out;
-  }
-  if (K > kMaxAttentionKeys) {
-    out.copy_(at::scaled_dot_product_attention(q, k, v, attn_mask, 0.0, false, scale));
-    return out;
-  }
   attention_forward(p);
   return out;
 }
