@@ -6,7 +6,8 @@ same-filesystem ``rename(2)``), and only when every file is complete renames it 
 A previous artifact at ``OUT`` is moved aside first and deleted after, so at every
 instant ``OUT`` is absent, the previous complete artifact, or the new complete one. A
 failed run removes its temporary folder; a later run removes temporary folders whose
-owning process is dead. When the disk fills up, the error names the target and the bytes
+owning process is dead, and puts a moved-aside previous artifact back when its process died
+between the two renames (so ``OUT`` is never lost to a kill). When the disk fills up, the error names the target and the bytes
 the artifact needs (what the caller declared it would write, else at least what reached the
 disk before it filled).
 """
@@ -59,15 +60,22 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _remove_stale(parent: Path, name: str) -> None:
+    target = parent / name
     for mark in (_TMP_MARK, _OLD_MARK):
         for stale in parent.glob(f".{name}{mark}*"):
             try:
                 pid = int(stale.name[len(name) + 1 + len(mark):].split("-")[0])
             except ValueError:
                 continue
-            if pid != os.getpid() and not _pid_alive(pid):
-                logger.info("removing stale temporary folder %s (its process %d is gone)", stale, pid)
-                shutil.rmtree(stale, ignore_errors=True)
+            if pid == os.getpid() or _pid_alive(pid):
+                continue
+            if mark == _OLD_MARK and not target.exists():
+                # Killed between moving the previous artifact aside and renaming the new one in.
+                logger.info("restoring the previous artifact %s from %s (its process %d is gone)", target, stale, pid)
+                os.rename(stale, target)
+                continue
+            logger.info("removing stale temporary folder %s (its process %d is gone)", stale, pid)
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 @contextlib.contextmanager

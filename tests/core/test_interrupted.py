@@ -1,8 +1,9 @@
 """Interrupted runs leave the target absent or as the previous complete artifact.
 
 SIGINT exits 130 and SIGTERM 143, both saying nothing was written; SIGKILL leaves a
-temporary folder that the next run removes, and that run's output is byte-identical to
-an uninterrupted one.
+temporary folder that the next run removes (or, killed between its two renames, the
+previous artifact moved aside, which the next run puts back), and that run's output is
+byte-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from graphopt.cli import main
+from graphopt.writer import check_output_target
 
 COMMAND = ["compress", "--model", "tiny", "--recipe", "fp32", "-o"]
 
@@ -49,20 +51,43 @@ def test_signal_leaves_nothing(tmp_path: Path, sig: signal.Signals, code: int, w
     assert list(tmp_path.iterdir()) == []
 
 
-def test_sigkill_while_writing_keeps_previous_and_next_run_is_identical(tmp_path: Path) -> None:
+# Python run in the child before the CLI: SIGKILL itself at one point of the artifact's write.
+# A kill at a chosen point, rather than a kill timed from outside, because the write takes
+# milliseconds and a watcher polling for the temporary folder can miss it on a slow machine.
+KILL_POINTS = {
+    # every file is in the temporary folder; OUT still holds the previous artifact
+    "before-rename": "import graphopt.writer as w\n"
+                     "w._replace = lambda staging, target: os.kill(os.getpid(), signal.SIGKILL)\n",
+    # the previous artifact is moved aside; the new one is not yet renamed in, so OUT is absent
+    "between-renames": "rename = os.rename\n"
+                       "def killing_rename(source, destination):\n"
+                       "    if '.graphopt-tmp-' in os.fspath(source):\n"
+                       "        os.kill(os.getpid(), signal.SIGKILL)\n"
+                       "    rename(source, destination)\n"
+                       "os.rename = killing_rename\n",
+}
+
+
+@pytest.mark.parametrize("point", sorted(KILL_POINTS))
+def test_sigkill_while_writing_keeps_previous_and_next_run_is_identical(tmp_path: Path, point: str) -> None:
     reference = tmp_path / "reference"
     assert main(["compress", "--model", "tiny", "--recipe", "fp32", "-o", str(reference)]) == 0
     out = tmp_path / "out"
     out.mkdir()
     (out / "previous.txt").write_text("the previous complete artifact")
-    process = start(out, tmp_path.parent / f"{tmp_path.name}.log")
-    wait_for(lambda: any(p.name.startswith(".out.graphopt-tmp-") for p in tmp_path.iterdir()))
-    process.kill()
-    process.wait(timeout=60)
-    contents = sorted(p.name for p in out.iterdir())
-    assert contents in (["previous.txt"], ["model.onnx", "report.json", "report.md"]), contents
-    assert main(["compress", "--model", "tiny", "--recipe", "fp32", "-o", str(out)]) == 0
+    child = f"import os, signal, sys\n{KILL_POINTS[point]}from graphopt.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    log = tmp_path.parent / f"{tmp_path.name}.log"
+    with open(log, "w") as stderr:
+        process = subprocess.run([sys.executable, "-c", child, *COMMAND, str(out)], stdout=subprocess.DEVNULL, stderr=stderr,
+                                 env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert process.returncode == -signal.SIGKILL, log.read_text()[-2000:]
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert any(".out.graphopt-" in name for name in left), left  # the kill left its folder behind
+    check_output_target(out)  # what the next run does first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "reference"], "stale temporary folders removed"
+    assert sorted(p.name for p in out.iterdir()) == ["previous.txt"], "the previous artifact is kept"
+    assert main(["compress", "--model", "tiny", "--recipe", "fp32", "-o", str(out)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "reference"]
     assert (out / "model.onnx").read_bytes() == (reference / "model.onnx").read_bytes()
 
 
