@@ -20,12 +20,12 @@ import logging
 import os
 import secrets
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from graphopt.errors import OutputError
 
-__all__ = ["check_output_target", "atomic_output_dir"]
+__all__ = ["atomic_output_dir", "check_output_target"]
 
 logger = logging.getLogger(__name__)
 
