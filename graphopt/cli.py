@@ -158,6 +158,8 @@ class _RichProgress:
             pass_.train_progress = lambda p: self.message(
                 f"pass {index + 1}/{total}: {pass_.name} step {p.step}/{p.steps}, loss {p.loss:.4g} "
                 f"({', '.join(f'{k} {v:.3g}' for k, v in p.parts.items())})")
+        if hasattr(pass_, "progress_message"):  # and what they do between steps (prune's reconstruction)
+            pass_.progress_message = lambda text: self.message(f"pass {index + 1}/{total}: {pass_.name} {text}")
 
     def after_pass(self, index: int, total: int, pass_: Any, record: Any) -> None:
         drift = record.total_drift

@@ -20,6 +20,13 @@ schedules prune rarely: ``initial_sparsity = sparsity`` prunes once, before trai
 steps (60% -> 86% -> 90%, the sparse-90 recipe) measured best on MiniLM at 90%, ahead of pruning
 once and of gradual magnitude pruning (see ``prune_layerwise``).
 
+``reconstruct_steps > 0`` reconstructs the model block-wise right after the masks are first
+chosen (``graphopt.blockwise``): each Transformer layer alone, first to last, learns to give the
+dense layer's output on the inputs the pruned layers before it give, masks fixed. A step costs
+a fraction of an end-to-end one: 250 steps a layer took MiniLM at 90% from 0.506 to 0.742
+held-out mean cosine in 3.5 minutes. End-to-end distillation (``steps``) then continues from
+there; a short one undoes part of it (150 steps: 0.719), 2200 steps reached 0.799.
+
 ``steps = 0`` prunes once. ``steps > 0`` prunes gradually on Zhu & Gupta's cubic schedule, from
 ``initial_sparsity`` to ``sparsity`` every ``prune_every`` steps until ``prune_until`` of the
 steps (a point that would not raise the sparsity is skipped), distilling from the dense model
@@ -37,12 +44,14 @@ import dataclasses
 import fnmatch
 import logging
 import random
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
 from torch import nn
 
+from graphopt.blockwise import LayerReconstruction, reconstruct_layers
 from graphopt.data import load_sentences
 from graphopt.data.corpus import corpus_digest, load_training_data
 from graphopt.distill import (
@@ -51,6 +60,7 @@ from graphopt.distill import (
     HiddenStateLoss,
     OutputLoss,
     SoftLabelLoss,
+    find_layers,
     keep_teacher,
 )
 from graphopt.errors import PassError, PreconditionError
@@ -61,6 +71,7 @@ from graphopt.sparsity import (
     SPARSITY_KEY,
     Pattern,
     PruningHook,
+    apply_masks,
     mask_sparsity,
     prune_layerwise,
     pruning_schedule,
@@ -90,7 +101,12 @@ class PruneOptions(TrainingOptions):
     fixed after). batch_size, lr, warmup_steps, weight_decay, grad_clip, seed, max_length,
     dropout: the trainer's. soft_label, hidden, attention, output: distillation loss weights
     (0 leaves a term out; the defaults measured best on MiniLM at 90%, output cosine weighted most);
-    temperature: Hinton's T. data: "sentences" and corpus sources.
+    temperature: Hinton's T. data: "sentences" and corpus sources. reconstruct_steps: Adam steps per
+    Transformer layer of block-wise reconstruction after the first pruning (to initial_sparsity;
+    the final sparsity when steps = 0), 0 for none;
+    reconstruct_lr: its peak learning rate (cosine-decayed to 0 within each layer);
+    reconstruct_sentences: how many training sentences (drawn with the seed) it uses, in batches of
+    batch_size.
     evaluate: held-out agreement with the dense model (evaluation only, never trained on)."""
 
     sparsity: float = 0.9
@@ -116,6 +132,9 @@ class PruneOptions(TrainingOptions):
     attention: float = 0.0
     output: float = 5.0
     temperature: float = 1.0
+    reconstruct_steps: int = 0
+    reconstruct_lr: float = 1e-3
+    reconstruct_sentences: int = 2048
     evaluate: bool = True
 
     def __post_init__(self) -> None:
@@ -142,6 +161,9 @@ class PruneOptions(TrainingOptions):
             (not self.density or pattern.kind != "n:m", f"pattern {pattern} fixes every layer's sparsity: no density"),
             (all(isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in self.density.values()),
              f"density factors must be numbers > 0, got {self.density}"),
+            (self.reconstruct_steps >= 0, f"reconstruct_steps must be >= 0, got {self.reconstruct_steps}"),
+            (self.reconstruct_lr > 0, f"reconstruct_lr must be > 0, got {self.reconstruct_lr}"),
+            (self.reconstruct_sentences >= 1, f"reconstruct_sentences must be >= 1, got {self.reconstruct_sentences}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -160,6 +182,8 @@ class MagnitudePruningPass(Pass):
 
     Attributes:
         train_progress: optional callback for each training step (the CLI's display sets it).
+        progress_message: optional callback for what the pass is doing between training steps
+            (block-wise reconstruction, layer by layer; the CLI's display sets it).
     """
 
     name = "prune"
@@ -169,6 +193,7 @@ class MagnitudePruningPass(Pass):
     tolerance = None
     Options = PruneOptions
     train_progress: Callable[[TrainProgress], None] | None = None
+    progress_message: Callable[[str], None] | None = None
 
     def _density(self, names: list[str]) -> dict[str, float]:
         """Each selected layer's density factor: the product of its matching globs' factors."""
@@ -200,6 +225,16 @@ class MagnitudePruningPass(Pass):
             raise PreconditionError(f"prune: steps = {self.options.steps} distils on sentences and needs a text "
                                     f"model with a tokenizer (model {program.info.get('model')!r} has none); "
                                     "use steps = 0 to prune once")
+        if self.options.reconstruct_steps and program.tokenizer is None:
+            raise PreconditionError(f"prune: reconstruct_steps = {self.options.reconstruct_steps} reconstructs on "
+                                    "sentences and needs a text model with a tokenizer (model "
+                                    f"{program.info.get('model')!r} has none); use reconstruct_steps = 0")
+        if self.options.reconstruct_steps:
+            try:
+                find_layers(program.ir)
+            except ValueError as error:
+                raise PreconditionError(f"prune: reconstruct_steps needs a model with Transformer layers: {error}") \
+                    from error
         if self.options.criterion == "activation" and program.tokenizer is None:
             raise PreconditionError("prune: criterion = \"activation\" calibrates on sentences and needs a text "
                                     f"model with a tokenizer (model {program.info.get('model')!r} has none); "
@@ -211,8 +246,8 @@ class MagnitudePruningPass(Pass):
         dense = _embeddings(program.ir, program.tokenizer) if evaluate else None
         notes: dict[str, Any] = {"pattern": str(Pattern.parse(o.pattern)), "scope": o.scope,
                                  "target_sparsity": o.sparsity, "criterion": o.criterion}
-        teacher = keep_teacher(program) if o.steps else None
-        needs_text = o.steps or o.criterion == "activation"
+        teacher = keep_teacher(program) if o.steps or o.reconstruct_steps else None
+        needs_text = o.steps or o.criterion == "activation" or o.reconstruct_steps
         sentences = load_training_data(o.data, program.tokenizer) if needs_text else None
         calibration = (random.Random(o.seed).sample(list(sentences), min(o.calibration_sentences, len(sentences)))
                        if o.criterion == "activation" else None)
@@ -234,6 +269,9 @@ class MagnitudePruningPass(Pass):
             clone = program.clone()
             PruningHook(names, pattern=o.pattern, scope=o.scope, density=hook.density).prune(clone.ir, o.sparsity)
             notes["heldout_vs_dense_one_shot"] = _agreement(clone.ir, program.tokenizer, dense)
+        if o.reconstruct_steps:
+            assert teacher is not None and sentences is not None
+            notes["reconstruct"] = self._reconstruct(program, teacher, hook, sentences, schedule)
         if o.steps:
             result = train(program.ir, teacher, sentences, o.loss(), o.train_config(),
                            tokenizer=program.tokenizer, hooks=[hook], progress=self.train_progress)
@@ -251,6 +289,35 @@ class MagnitudePruningPass(Pass):
         logger.info("prune: %d layers at %s sparsity %.3f (%s)", len(names), notes["pattern"],
                     notes["overall_sparsity"], o.scope)
         return PassResult(program, o.sparsity > 0, notes)
+
+    def _reconstruct(self, program: Program, teacher: nn.Module, hook: PruningHook, sentences: Sequence[str],
+                     schedule: Mapping[int, float]) -> dict[str, Any]:
+        """Prunes to the schedule's step-0 sparsity now (training will not redo it), then reconstructs block-wise."""
+        o = self.options
+        first = schedule[0]  # initial_sparsity, or the final one when steps = 0
+        hook.prune(program.ir, first, 0)
+        hook.schedule.pop(0)
+        chosen = random.Random(o.seed).sample(list(sentences), min(o.reconstruct_sentences, len(sentences)))
+        batches = [program.tokenizer(chosen[i:i + o.batch_size], max_length=o.max_length)
+                   for i in range(0, len(chosen), o.batch_size)]
+
+        def progress(done: int, total: int, layer: LayerReconstruction) -> None:
+            text = (f"layer {done}/{total} ({layer.layer}) reconstructed, mse {layer.loss_before:.4g} -> "
+                    f"{layer.loss_after:.4g}")
+            logger.info("prune: %s", text)
+            if self.progress_message is not None:
+                self.progress_message(text)
+
+        if self.progress_message is not None:
+            self.progress_message(f"reconstructing layer by layer, {o.reconstruct_steps} steps each")
+        start = time.perf_counter()
+        def reapply(layer: str) -> None:  # only the layer being trained changes
+            apply_masks(program.ir, {n: m for n, m in hook.masks.items() if n.startswith(layer + ".")})
+
+        layers = reconstruct_layers(program.ir, teacher, batches, steps=o.reconstruct_steps, lr=o.reconstruct_lr,
+                                    seed=o.seed, after_step=reapply, progress=progress)
+        return {"sparsity": first, "sentences": len(chosen), "steps_per_layer": o.reconstruct_steps,
+                "wall_s": round(time.perf_counter() - start, 2), "layers": [r.as_dict() for r in layers]}
 
     def _activation_masks(self, program: Program, names: list[str], calibration: list[str]) -> Callable[..., Any]:
         """The hook's mask choice for criterion "activation": ``prune_layerwise`` on calibration batches."""

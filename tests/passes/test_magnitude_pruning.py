@@ -153,6 +153,44 @@ def test_activation_criterion_prunes_on_its_schedule_and_beats_magnitude_at_once
         assert not torch.equal(linear.weight[mask], before[name][mask])
 
 
+def test_block_wise_reconstruction_after_the_first_pruning(tiny_program: Program) -> None:
+    """reconstruct_steps: pruned once (to initial_sparsity), each layer reconstructed, masks kept;
+    closer to the dense model than the same one-shot pruning without it; training then
+    continues on the schedule without pruning at step 0 again."""
+    common = dict(sparsity=0.8, criterion="activation", calibration_sentences=32, data=("sentences",),
+                  max_length=16, batch_size=8)
+    one_shot = Prune(**common)(tiny_program.clone())
+    pass_, messages = Prune(reconstruct_steps=30, reconstruct_sentences=64, **common), []
+    pass_.progress_message = messages.append  # the CLI's status line
+    rebuilt = pass_(tiny_program.clone())
+    assert messages[0] == "reconstructing layer by layer, 30 steps each"
+    assert [m.split(" reconstructed")[0] for m in messages[1:]] == ["layer 1/2 (layers.0)", "layer 2/2 (layers.1)"]
+    notes = rebuilt.notes["reconstruct"]
+    assert notes["sparsity"] == 0.8 and notes["sentences"] == 64 and notes["steps_per_layer"] == 30
+    assert [layer["layer"] for layer in notes["layers"]] == ["layers.0", "layers.1"]
+    assert all(layer["loss_after"] < layer["loss_before"] for layer in notes["layers"])
+    assert (rebuilt.notes["heldout_vs_dense"]["mean_cosine"]
+            > one_shot.notes["heldout_vs_dense"]["mean_cosine"])
+    for name, linear in _linears(rebuilt.program).items():
+        mask = rebuilt.program.annotations[name][SPARSITY_KEY]["mask"]
+        assert int((~mask).sum()) == round(0.8 * mask.numel()) and bool((linear.weight[~mask] == 0).all())
+    gradual = Prune(reconstruct_steps=5, reconstruct_sentences=16, steps=4, initial_sparsity=0.5, prune_every=2,
+                    prune_until=0.5, lr=1e-3, **common)(tiny_program.clone())
+    assert gradual.notes["reconstruct"]["sparsity"] == 0.5
+    assert gradual.notes["schedule"] == [[0, 0.5], [2, 0.8]] and gradual.notes["overall_sparsity"] == pytest.approx(0.8, abs=1e-3)
+
+
+def test_block_wise_reconstruction_is_checked(tiny_program: Program) -> None:
+    with pytest.raises(ValueError, match="reconstruct_steps"):
+        Prune(reconstruct_steps=-1)
+    with pytest.raises(ValueError, match="reconstruct_lr"):
+        Prune(reconstruct_lr=0.0)
+    program = tiny_program.clone()
+    program.tokenizer = None
+    with pytest.raises(PreconditionError, match="reconstruct_steps"):
+        Prune(reconstruct_steps=10)(program)
+
+
 def test_activation_criterion_needs_layer_scope_and_a_tokenizer(tiny_program: Program) -> None:
     with pytest.raises(ValueError, match="scope"):
         Prune(criterion="activation", scope="global")

@@ -1,0 +1,264 @@
+"""Block-wise reconstruction: each Transformer layer of a student learns, alone, to reproduce the teacher's.
+
+After a lossy rewrite of the weights (pruning, quantization), the student's layers are trained
+one at a time, first to last: layer ``i`` gets the inputs that the student's own layers
+``0 … i-1`` (already reconstructed) produce, and learns to give the output that the teacher's
+layer ``i`` gives on the teacher's own inputs, by mean squared error over real tokens. So each
+layer also corrects the error its predecessors left, and no step runs the whole model
+forward and backward or the teacher at all (its outputs are computed once per layer): a step
+costs about a sixth of an end-to-end distillation step on a six-layer model. This is the
+layer-wise reconstruction of BRECQ (Li et al., 2021) and of the layer-wise distillation in
+oBERT (Kurtic et al., 2022), here with the student's inputs propagated as in SparseGPT.
+
+Measured on all-MiniLM-L6-v2 pruned to 90% (activation criterion with refit and sparse-90's
+density table), held-out mean cosine with the dense model: one-shot 0.506; after 250 steps a
+layer (batch 32, 2,048 sentences, lr 1e-3, both cores: 201 s) 0.742, about what end-to-end
+distillation reached after 1,500 steps (0.756, 26 minutes on one thread); 2,200 distillation
+steps after 500 reconstruction steps a layer (25 minutes in all) reached 0.799.
+
+The model is split with ``torch.fx.passes.split_module`` at the layer scopes that
+``symbolic_trace`` records (``graphopt.distill.find_layers``): ``submod_0`` is what comes
+before the first layer, ``submod_{i+1}`` layer ``i`` (with any glue up to the next layer),
+the last partition what follows the last layer. The partitions call the student's own
+submodules, so training them trains the student. Both models run in eval mode (no dropout)
+and are put back in the mode they had.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.fx.passes.split_module import split_module
+
+from graphopt.distill import LayerList, find_layers
+from graphopt.program import flatten_outputs
+
+__all__ = ["LayerReconstruction", "reconstruct_layers", "split_at_layers"]
+
+logger = logging.getLogger(__name__)
+
+Batch = Mapping[str, torch.Tensor]
+
+
+def _layer_index(node: torch.fx.Node, layers: LayerList) -> int | None:
+    for key in node.meta.get("nn_module_stack") or {}:
+        parent, _, last = key.rpartition(".")
+        if parent == layers.prefix and last.isdigit():
+            return int(last)
+    return None
+
+
+def split_at_layers(gm: torch.fx.GraphModule, layers: LayerList | None = None) -> torch.fx.GraphModule:
+    """``gm`` as a chain of partitions ``submod_0`` … ``submod_{L+1}``, layer ``i`` in ``submod_{i+1}``.
+
+    A node outside every layer joins the partition of the last layer before it (``submod_0``
+    before the first one; what follows the last layer gets ``submod_{L+1}``); a ``get_attr``
+    joins the partition of its first user, so no partition passes a parameter to another.
+    The partitions share ``gm``'s submodules and parameters.
+
+    Raises:
+        ValueError: ``gm`` has no layer list, or a layer's nodes are not contiguous.
+    """
+    layers = layers or find_layers(gm)
+    part: dict[torch.fx.Node, int] = {}
+    current, seen_last = 0, False
+    for node in gm.graph.nodes:
+        index = _layer_index(node, layers)
+        if index is not None:
+            if index + 1 < current:
+                raise ValueError(f"split_at_layers: {node.name} of layer {index} comes after layer {current - 1}")
+            current = index + 1
+            seen_last = seen_last or index == layers.count - 1
+        elif seen_last and current == layers.count and node.op not in ("get_attr", "output"):
+            current = layers.count + 1
+        part[node] = current
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.users:
+            part[node] = part[next(iter(node.users))]
+    return split_module(gm, gm, lambda node: part[node], keep_original_order=True)
+
+
+class _Chain:
+    """Runs a split model's top graph over many batches a partition at a time, keeping each batch's live values.
+
+    ``inputs(name)`` runs every batch up to partition ``name`` and returns its arguments;
+    ``outputs(name)`` runs the partition and returns what it gave. Values no later node uses
+    are dropped, so the memory held is what crosses the current cut (the hidden states and
+    the attention mask). So the model runs once over the batches in all, not once per layer.
+    """
+
+    def __init__(self, split: torch.fx.GraphModule, batches: Sequence[Batch]) -> None:
+        self.nodes = list(split.graph.nodes)
+        self.interpreter = torch.fx.Interpreter(split)
+        last_use = {node: i for i, node in enumerate(self.nodes)}
+        for i, node in enumerate(self.nodes):
+            for used in node.all_input_nodes:
+                last_use[used] = i
+        self.dead_after: dict[int, list[torch.fx.Node]] = {}
+        for node, i in last_use.items():
+            self.dead_after.setdefault(i, []).append(node)
+        self.envs: list[dict[torch.fx.Node, Any]] = [{} for _ in batches]
+        self.batches, self.position = batches, 0
+
+    def _run_until(self, stop: torch.fx.Node | None) -> None:
+        with torch.no_grad():
+            while self.position < len(self.nodes) and self.nodes[self.position] is not stop:
+                node = self.nodes[self.position]
+                if node.op == "output":
+                    break
+                for env, batch in zip(self.envs, self.batches, strict=True):
+                    if node.op == "placeholder":
+                        name = node.target.lstrip("*")
+                        if name not in batch and not node.args:
+                            raise ValueError(f"reconstruct_layers: the batches have no input {name!r}")
+                        env[node] = batch[name] if name in batch else node.args[0]
+                    else:
+                        self.interpreter.env = env
+                        env[node] = _detach(self.interpreter.run_node(node))
+                    for dead in self.dead_after.get(self.position, ()):
+                        if dead is not node:
+                            env.pop(dead, None)
+                self.position += 1
+
+    def _node(self, name: str) -> torch.fx.Node:
+        return next(n for n in self.nodes if n.op == "call_module" and n.target == name)
+
+    def inputs(self, name: str) -> list[tuple[Any, ...]]:
+        node = self._node(name)
+        self._run_until(node)
+        return [tuple(torch.fx.node.map_arg(node.args, env.__getitem__)) for env in self.envs]
+
+    def outputs(self, name: str) -> list[Any]:
+        node = self._node(name)
+        self._run_until(node)
+        self._run_until(self.nodes[self.position + 1] if self.position + 1 < len(self.nodes) else None)
+        return [env[node] for env in self.envs]
+
+
+def _detach(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detach(v) for v in value)
+    return value
+
+
+def _block_loss(out: Any, target: Any, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error over the partition's float outputs, over real tokens where they are [batch, tokens, …]."""
+    terms = []
+    for o, t in zip(flatten_outputs(out), flatten_outputs(target), strict=True):
+        if not o.is_floating_point():
+            continue
+        err = (o - t).square()
+        if token_mask is not None and o.dim() >= 2 and o.shape[:2] == token_mask.shape:
+            weight = token_mask.to(err.dtype).reshape(*token_mask.shape, *([1] * (o.dim() - 2)))
+            terms.append((err * weight).sum() / (weight.sum() * err[0, 0].numel()).clamp(min=1))
+        else:
+            terms.append(err.mean())
+    if not terms:
+        raise ValueError("reconstruct_layers: a layer has no floating-point output to reconstruct")
+    return torch.stack(terms).sum()
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerReconstruction:
+    """One layer's reconstruction: its mean squared error against the teacher's layer before and after."""
+
+    layer: str
+    steps: int
+    loss_before: float
+    loss_after: float
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: round(v, 6) if isinstance(v, float) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def _mean_loss(part: nn.Module, inputs: list[Any], targets: list[Any], masks: list[torch.Tensor | None],
+               sample: Sequence[int]) -> float:
+    with torch.no_grad():
+        return sum(float(_block_loss(part(*inputs[j]), targets[j], masks[j])) for j in sample) / len(sample)
+
+
+def reconstruct_layers(student: torch.fx.GraphModule, teacher: torch.fx.GraphModule, batches: Sequence[Batch], *,
+                       steps: int, lr: float = 1e-3, seed: int = 0, layers: LayerList | None = None,
+                       after_step: Callable[[str], None] | None = None,
+                       progress: Callable[[int, int, LayerReconstruction], None] | None = None,
+                       ) -> list[LayerReconstruction]:
+    """Trains each layer of ``student`` alone to reproduce ``teacher``'s, first to last (see the module doc).
+
+    Args:
+        student: the fx model to reconstruct, in place; it and ``teacher`` must have the same
+            layer list (the same graph, as after a weight-only rewrite).
+        teacher: the reference model; not changed.
+        batches: model inputs (``input_ids``, ``attention_mask``, …); ``attention_mask``, when
+            present, weights the error by real tokens.
+        steps: Adam steps per layer, each on one batch drawn with ``seed``; the learning rate
+            decays from ``lr`` to 0 on a cosine.
+        after_step: called with the layer's name (``layers.name(i)``) after each of its steps
+            (re-applying that layer's pruning masks).
+        progress: called with (layer index + 1, layer count, result) as each layer finishes.
+
+    Returns:
+        One ``LayerReconstruction`` per layer, in order.
+
+    Raises:
+        ValueError: no batches, ``steps`` < 1, or the two models' layers differ.
+    """
+    if not batches:
+        raise ValueError("reconstruct_layers needs at least one batch")
+    if steps < 1:
+        raise ValueError(f"reconstruct_layers: steps must be >= 1, got {steps}")
+    layers = layers or find_layers(student)
+    if find_layers(teacher, layers.prefix) != layers:
+        raise ValueError(f"reconstruct_layers: the teacher's layers differ from the student's {layers}")
+    student_chain = _Chain(split_at_layers(student, layers), batches)
+    teacher_chain = _Chain(split_at_layers(teacher, layers), batches)
+    token_masks = [batch.get("attention_mask") for batch in batches]
+    rng = random.Random(seed)
+    modes = (student.training, teacher.training)
+    student.eval()
+    teacher.eval()
+    results: list[LayerReconstruction] = []
+    try:
+        for index in range(layers.count):
+            name = f"submod_{index + 1}"
+            part = student_chain.interpreter.module.get_submodule(name)
+            params = [p for p in part.parameters() if p.requires_grad]
+            start = time.perf_counter()
+            targets = teacher_chain.outputs(name)
+            inputs = student_chain.inputs(name)
+            sample = range(min(8, len(batches)))
+            before = _mean_loss(part, inputs, targets, token_masks, sample)
+            if params:
+                optimizer = torch.optim.Adam(params, lr=lr)
+                for step in range(steps):
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
+                    j = rng.randrange(len(batches))
+                    loss = _block_loss(part(*inputs[j]), targets[j], token_masks[j])
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    if after_step is not None:
+                        after_step(layers.name(index))
+            result = LayerReconstruction(layers.name(index), steps if params else 0, before,
+                                         _mean_loss(part, inputs, targets, token_masks, sample),
+                                         time.perf_counter() - start)
+            logger.info("reconstruct: %s mse %.4g -> %.4g (%d steps, %.1f s)", result.layer, result.loss_before,
+                        result.loss_after, result.steps, result.seconds)
+            results.append(result)
+            if progress is not None:
+                progress(index + 1, layers.count, result)
+    finally:
+        student.train(modes[0])
+        teacher.train(modes[1])
+    return results

@@ -1,0 +1,79 @@
+"""Block-wise reconstruction: the split at layer scopes, and each layer trained alone towards the teacher's."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from graphopt.blockwise import reconstruct_layers, split_at_layers
+from graphopt.data import load_sentences
+from graphopt.distill import find_layers
+from graphopt.program import Program
+from graphopt.sparsity import apply_masks, magnitude_mask
+
+
+def _batches(program: Program, count: int = 4, size: int = 8) -> list[dict[str, torch.Tensor]]:
+    sentences = load_sentences("train")[:count * size]
+    return [program.tokenizer(sentences[i:i + size], max_length=16) for i in range(0, len(sentences), size)]
+
+
+def test_split_at_layers_is_the_same_function_on_the_same_parameters(tiny_program: Program) -> None:
+    gm = tiny_program.ir.eval()
+    layers = find_layers(gm)
+    split = split_at_layers(gm)
+    parts = [name for name, _ in split.named_children() if name.startswith("submod_")]
+    assert parts == [f"submod_{i}" for i in range(layers.count + 2)]
+    batch = _batches(tiny_program, 1)[0]
+    with torch.no_grad():
+        assert torch.equal(split(**batch), gm(**batch))
+    # Layer i's partition calls the model's own Linears: training it trains the model.
+    query = gm.get_submodule(f"{layers.name(0)}.attention.query")
+    assert any(m is query for m in split.get_submodule("submod_1").modules())
+    assert not any(m is query for m in split.get_submodule("submod_2").modules())
+
+
+def _pruned_copy(program: Program, sparsity: float) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    student = copy.deepcopy(program.ir)
+    masks = {name: magnitude_mask(m.weight, sparsity) for name, m in student.named_modules()
+             if isinstance(m, nn.Linear)}
+    apply_masks(student, masks)
+    return student, masks
+
+
+def test_reconstruction_brings_each_layer_and_the_output_back_towards_the_teacher(tiny_program: Program) -> None:
+    teacher = tiny_program.ir.eval()
+    teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student, masks = _pruned_copy(tiny_program, 0.8)
+    batches = _batches(tiny_program)
+    held_out = tiny_program.tokenizer(load_sentences("heldout")[:32], max_length=16)
+
+    def output_error() -> float:
+        student.eval()
+        with torch.no_grad():
+            return float((student(**held_out) - teacher(**held_out)).square().mean())
+
+    before = output_error()
+    student.train()
+    seen = []
+    results = reconstruct_layers(student, teacher, batches, steps=40, lr=3e-3, after_step=lambda layer: apply_masks(student, masks),
+                                 progress=lambda done, total, r: seen.append((done, total, r.layer)))
+    assert student.training  # put back as it was
+    layers = find_layers(teacher)
+    assert seen == [(i + 1, layers.count, layers.name(i)) for i in range(layers.count)]
+    for r in results:
+        assert r.steps == 40 and r.loss_after < 0.7 * r.loss_before, r
+    assert output_error() < 0.5 * before  # on sentences it never saw
+    for name, mask in masks.items():
+        assert bool((student.get_submodule(name).weight[~mask] == 0).all()), name
+    assert all(torch.equal(v, teacher_state[k]) for k, v in teacher.state_dict().items())
+
+
+def test_reconstruction_checks_its_arguments(tiny_program: Program) -> None:
+    student = copy.deepcopy(tiny_program.ir)
+    with pytest.raises(ValueError, match="at least one batch"):
+        reconstruct_layers(student, tiny_program.ir, [], steps=1)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        reconstruct_layers(student, tiny_program.ir, _batches(tiny_program, 1), steps=0)
