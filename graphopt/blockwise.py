@@ -36,10 +36,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.split_module import split_module
 
-from graphopt.distill import LayerList, find_layers
+from graphopt.distill import LayerList, find_layers, hidden_state_loss
 from graphopt.program import flatten_outputs
 
 __all__ = ["LayerReconstruction", "reconstruct_layers", "split_at_layers"]
@@ -78,7 +79,7 @@ def split_at_layers(gm: torch.fx.GraphModule, layers: LayerList | None = None) -
                 raise ValueError(f"split_at_layers: {node.name} of layer {index} comes after layer {current - 1}")
             current = index + 1
             seen_last = seen_last or index == layers.count - 1
-        elif seen_last and current == layers.count and node.op not in ("get_attr", "output"):
+        elif seen_last and node.op not in ("get_attr", "output"):
             current = layers.count + 1
         part[node] = current
     for node in gm.graph.nodes:
@@ -109,25 +110,27 @@ class _Chain:
         self.envs: list[dict[torch.fx.Node, Any]] = [{} for _ in batches]
         self.batches, self.position = batches, 0
 
-    def _run_until(self, stop: torch.fx.Node | None) -> None:
-        with torch.no_grad():
-            while self.position < len(self.nodes) and self.nodes[self.position] is not stop:
-                node = self.nodes[self.position]
-                if node.op == "output":
-                    break
-                for env, batch in zip(self.envs, self.batches, strict=True):
-                    if node.op == "placeholder":
-                        name = node.target.lstrip("*")
-                        if name not in batch and not node.args:
-                            raise ValueError(f"reconstruct_layers: the batches have no input {name!r}")
-                        env[node] = batch[name] if name in batch else node.args[0]
-                    else:
-                        self.interpreter.env = env
-                        env[node] = _detach(self.interpreter.run_node(node))
-                    for dead in self.dead_after.get(self.position, ()):
-                        if dead is not node:
-                            env.pop(dead, None)
-                self.position += 1
+    @torch.no_grad()
+    def _step(self) -> None:
+        """Runs the next node on every batch (values computed without grad: nothing to detach)."""
+        node = self.nodes[self.position]
+        for env, batch in zip(self.envs, self.batches, strict=True):
+            if node.op == "placeholder":
+                name = node.target.lstrip("*")
+                if name not in batch and not node.args:
+                    raise ValueError(f"reconstruct_layers: the batches have no input {name!r}")
+                env[node] = batch[name] if name in batch else node.args[0]
+            else:
+                self.interpreter.env = env
+                env[node] = self.interpreter.run_node(node)
+            for dead in self.dead_after.get(self.position, ()):
+                if dead is not node:
+                    env.pop(dead, None)
+        self.position += 1
+
+    def _run_until(self, stop: torch.fx.Node) -> None:
+        while self.nodes[self.position] is not stop:
+            self._step()
 
     def _node(self, name: str) -> torch.fx.Node:
         return next(n for n in self.nodes if n.op == "call_module" and n.target == name)
@@ -140,30 +143,18 @@ class _Chain:
     def outputs(self, name: str) -> list[Any]:
         node = self._node(name)
         self._run_until(node)
-        self._run_until(self.nodes[self.position + 1] if self.position + 1 < len(self.nodes) else None)
+        self._step()
         return [env[node] for env in self.envs]
 
 
-def _detach(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach()
-    if isinstance(value, (tuple, list)):
-        return type(value)(_detach(v) for v in value)
-    return value
-
-
 def _block_loss(out: Any, target: Any, token_mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean squared error over the partition's float outputs, over real tokens where they are [batch, tokens, …]."""
+    """Mean squared error summed over the partition's float outputs; over real tokens for [batch, tokens, dim] ones."""
     terms = []
     for o, t in zip(flatten_outputs(out), flatten_outputs(target), strict=True):
         if not o.is_floating_point():
             continue
-        err = (o - t).square()
-        if token_mask is not None and o.dim() >= 2 and o.shape[:2] == token_mask.shape:
-            weight = token_mask.to(err.dtype).reshape(*token_mask.shape, *([1] * (o.dim() - 2)))
-            terms.append((err * weight).sum() / (weight.sum() * err[0, 0].numel()).clamp(min=1))
-        else:
-            terms.append(err.mean())
+        by_token = token_mask is not None and o.dim() == 3 and o.shape[:2] == token_mask.shape
+        terms.append(hidden_state_loss(o, t, token_mask) if by_token else F.mse_loss(o, t))
     if not terms:
         raise ValueError("reconstruct_layers: a layer has no floating-point output to reconstruct")
     return torch.stack(terms).sum()

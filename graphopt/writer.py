@@ -7,9 +7,9 @@ A previous artifact at ``OUT`` is moved aside first and deleted after, so at eve
 instant ``OUT`` is absent, the previous complete artifact, or the new complete one. A
 failed run removes its temporary folder; a later run removes temporary folders whose
 owning process is dead, and puts a moved-aside previous artifact back when its process died
-between the two renames (so ``OUT`` is never lost to a kill). When the disk fills up, the error names the target and the bytes
-the artifact needs (what the caller declared it would write, else at least what reached the
-disk before it filled).
+between the two renames (so ``OUT`` is never lost to a kill). When the disk fills up, the
+error names the target and the bytes the artifact needs (what the caller declared it would
+write, else at least what reached the disk before it filled).
 """
 
 from __future__ import annotations
