@@ -167,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="relative kept fraction of layers (the prune pass's density), e.g. '*.attention.query=0.5'")
     r.add_argument("--reconstruct-steps", type=int, default=0,
                    help="block-wise reconstruction steps per layer after the first pruning (the prune pass's reconstruct_steps)")
-    r.add_argument("--reconstruct-lr", type=float, default=1e-3)
+    r.add_argument("--reconstruct-lr", type=float, default=6e-3)
     r.add_argument("--reconstruct-sentences", type=int, default=2048)
+    r.add_argument("--reconstruct-block", type=int, default=1, help="Transformer layers reconstructed together")
     r.add_argument("--cache", type=Path, help="keep pruned weights here; a later run reuses them (no training)")
     r.add_argument("--data", nargs="+", default=["sentences", "written", "recombined", "substituted"])
     r.add_argument("--int8", action="store_true", help="also lower to cpp with int8 values")
@@ -253,7 +254,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                        lr=args.lr, max_length=args.max_length, data=tuple(args.data), output=args.output_weight,
                        hidden=args.hidden_weight, criterion=args.criterion, evaluate=False,
                        reconstruct_steps=args.reconstruct_steps, reconstruct_lr=args.reconstruct_lr,
-                       reconstruct_sentences=args.reconstruct_sentences,
+                       reconstruct_sentences=args.reconstruct_sentences, reconstruct_block=args.reconstruct_block,
                        density={glob: float(f) for glob, _, f in (d.rpartition("=") for d in args.density)})
         program, notes = _pruned(bundle, prune(**options), args.cache, spec)
         # Training time: block-wise reconstruction (if any) and end-to-end distillation.

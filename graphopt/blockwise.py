@@ -12,10 +12,10 @@ oBERT (Kurtic et al., 2022), here with the student's inputs propagated as in Spa
 
 Measured on all-MiniLM-L6-v2 pruned to 90% (activation criterion with refit and sparse-90's
 density table), held-out mean cosine with the dense model: one-shot 0.506; after 250 steps a
-layer (batch 32, 2,048 sentences, lr 1e-3, both cores: 201 s) 0.742, about what end-to-end
-distillation reached after 1,500 steps (0.756, 26 minutes on one thread); 2,200 distillation
-steps after 500 reconstruction steps a layer (25 minutes in all) reached 0.799, and 2,000
-reconstruction steps a layer alone (batch 32, 8,192 sentences, 25 minutes) 0.815.
+layer (batch 32, 2,048 sentences, both cores: ~190 s) 0.742 at lr 1e-3 and 0.784 at 6e-3 (the
+default: Adam wants a large step here; 2e-2 diverges), where end-to-end distillation needed
+2,800 steps and 29 minutes for 0.782; 500 steps a layer on 4,096 sentences (392 s) 0.807, and
+2,000 steps a layer on 8,192 sentences (24 minutes) 0.832.
 
 The model is split with ``torch.fx.passes.split_module`` at the layer scopes that
 ``symbolic_trace`` records (``graphopt.distill.find_layers``): ``submod_0`` is what comes
@@ -58,29 +58,37 @@ def _layer_index(node: torch.fx.Node, layers: LayerList) -> int | None:
     return None
 
 
-def split_at_layers(gm: torch.fx.GraphModule, layers: LayerList | None = None) -> torch.fx.GraphModule:
-    """``gm`` as a chain of partitions ``submod_0`` … ``submod_{L+1}``, layer ``i`` in ``submod_{i+1}``.
+def split_at_layers(gm: torch.fx.GraphModule, layers: LayerList | None = None, *,
+                    layers_per_block: int = 1) -> torch.fx.GraphModule:
+    """``gm`` as a chain of partitions ``submod_0`` … ``submod_{B+1}``: block ``b`` (layers
+    ``b·k … b·k+k-1`` for ``k = layers_per_block``) in ``submod_{b+1}``, so with ``k = 1`` layer
+    ``i`` is in ``submod_{i+1}``.
 
     A node outside every layer joins the partition of the last layer before it (``submod_0``
-    before the first one; what follows the last layer gets ``submod_{L+1}``); a ``get_attr``
+    before the first one; what follows the last layer gets ``submod_{B+1}``); a ``get_attr``
     joins the partition of its first user, so no partition passes a parameter to another.
     The partitions share ``gm``'s submodules and parameters.
 
     Raises:
-        ValueError: ``gm`` has no layer list, or a layer's nodes are not contiguous.
+        ValueError: ``gm`` has no layer list, ``layers_per_block`` < 1, or a layer's nodes are
+            not contiguous.
     """
+    if layers_per_block < 1:
+        raise ValueError(f"split_at_layers: layers_per_block must be >= 1, got {layers_per_block}")
     layers = layers or find_layers(gm)
+    blocks = -(-layers.count // layers_per_block)
     part: dict[torch.fx.Node, int] = {}
-    current, seen_last = 0, False
+    current, last_index, seen_last = 0, -1, False
     for node in gm.graph.nodes:
         index = _layer_index(node, layers)
         if index is not None:
-            if index + 1 < current:
-                raise ValueError(f"split_at_layers: {node.name} of layer {index} comes after layer {current - 1}")
-            current = index + 1
+            if index < last_index:
+                raise ValueError(f"split_at_layers: {node.name} of layer {index} comes after layer {last_index}")
+            last_index = index
+            current = index // layers_per_block + 1
             seen_last = seen_last or index == layers.count - 1
         elif seen_last and node.op not in ("get_attr", "output"):
-            current = layers.count + 1
+            current = blocks + 1
         part[node] = current
     for node in gm.graph.nodes:
         if node.op == "get_attr" and node.users:
@@ -162,13 +170,18 @@ def _block_loss(out: Any, target: Any, token_mask: torch.Tensor | None) -> torch
 
 @dataclasses.dataclass(frozen=True)
 class LayerReconstruction:
-    """One layer's reconstruction: its mean squared error against the teacher's layer before and after."""
+    """One block's reconstruction: its mean squared error against the teacher's before and after.
+
+    ``reverted``: training left the block worse than it found it (a learning rate too high for
+    the model), so its weights were put back as they were and ``loss_after`` is ``loss_before``.
+    """
 
     layer: str
     steps: int
     loss_before: float
     loss_after: float
     seconds: float
+    reverted: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {k: round(v, 6) if isinstance(v, float) else v for k, v in dataclasses.asdict(self).items()}
@@ -181,8 +194,8 @@ def _mean_loss(part: nn.Module, inputs: list[Any], targets: list[Any], masks: li
 
 
 def reconstruct_layers(student: torch.fx.GraphModule, teacher: torch.fx.GraphModule, batches: Sequence[Batch], *,
-                       steps: int, lr: float = 1e-3, seed: int = 0, layers: LayerList | None = None,
-                       after_step: Callable[[str], None] | None = None,
+                       steps: int, lr: float = 6e-3, seed: int = 0, layers: LayerList | None = None,
+                       layers_per_block: int = 1, after_step: Callable[[str], None] | None = None,
                        progress: Callable[[int, int, LayerReconstruction], None] | None = None,
                        ) -> list[LayerReconstruction]:
     """Trains each layer of ``student`` alone to reproduce ``teacher``'s, first to last (see the module doc).
@@ -193,27 +206,35 @@ def reconstruct_layers(student: torch.fx.GraphModule, teacher: torch.fx.GraphMod
         teacher: the reference model; not changed.
         batches: model inputs (``input_ids``, ``attention_mask``, …); ``attention_mask``, when
             present, weights the error by real tokens.
-        steps: Adam steps per layer, each on one batch drawn with ``seed``; the learning rate
-            decays from ``lr`` to 0 on a cosine.
-        after_step: called with the layer's name (``layers.name(i)``) after each of its steps
+        steps: Adam steps per block, each on one batch drawn with ``seed``; the learning rate
+            decays from ``lr`` to 0 on a cosine. A block whose error (on the first 8 batches)
+            ends higher than it began is put back as it was (``reverted``).
+        layers_per_block: how many consecutive layers are trained together, to give the
+            teacher's output of the last of them (1: each layer alone).
+        after_step: called with each trained layer's name (``layers.name(i)``) after each step
             (re-applying that layer's pruning masks).
-        progress: called with (layer index + 1, layer count, result) as each layer finishes.
+        progress: called with (block index + 1, block count, result) as each block finishes.
 
     Returns:
-        One ``LayerReconstruction`` per layer, in order.
+        One ``LayerReconstruction`` per block, in order (``layer`` names a block of several
+        layers by its first layer and the last one's index: ``layers.0-1``).
 
     Raises:
-        ValueError: no batches, ``steps`` < 1, or the two models' layers differ.
+        ValueError: no batches, ``steps`` or ``layers_per_block`` < 1, or the two models' layers differ.
     """
     if not batches:
         raise ValueError("reconstruct_layers needs at least one batch")
     if steps < 1:
         raise ValueError(f"reconstruct_layers: steps must be >= 1, got {steps}")
+    if layers_per_block < 1:
+        raise ValueError(f"reconstruct_layers: layers_per_block must be >= 1, got {layers_per_block}")
     layers = layers or find_layers(student)
     if find_layers(teacher, layers.prefix) != layers:
         raise ValueError(f"reconstruct_layers: the teacher's layers differ from the student's {layers}")
-    student_chain = _Chain(split_at_layers(student, layers), batches)
-    teacher_chain = _Chain(split_at_layers(teacher, layers), batches)
+    student_chain = _Chain(split_at_layers(student, layers, layers_per_block=layers_per_block), batches)
+    teacher_chain = _Chain(split_at_layers(teacher, layers, layers_per_block=layers_per_block), batches)
+    blocks = [range(first, min(first + layers_per_block, layers.count))
+              for first in range(0, layers.count, layers_per_block)]
     token_masks = [batch.get("attention_mask") for batch in batches]
     rng = random.Random(seed)
     modes = (student.training, teacher.training)
@@ -221,8 +242,10 @@ def reconstruct_layers(student: torch.fx.GraphModule, teacher: torch.fx.GraphMod
     teacher.eval()
     results: list[LayerReconstruction] = []
     try:
-        for index in range(layers.count):
+        for index, block in enumerate(blocks):
             name = f"submod_{index + 1}"
+            names = [layers.name(i) for i in block]
+            label = names[0] if len(block) == 1 else f"{names[0]}-{block[-1]}"
             part = student_chain.interpreter.module.get_submodule(name)
             params = [p for p in part.parameters() if p.requires_grad]
             start = time.perf_counter()
@@ -230,6 +253,7 @@ def reconstruct_layers(student: torch.fx.GraphModule, teacher: torch.fx.GraphMod
             inputs = student_chain.inputs(name)
             sample = range(min(8, len(batches)))
             before = _mean_loss(part, inputs, targets, token_masks, sample)
+            initial = [p.detach().clone() for p in params]
             if params:
                 optimizer = torch.optim.Adam(params, lr=lr)
                 for step in range(steps):
@@ -241,15 +265,23 @@ def reconstruct_layers(student: torch.fx.GraphModule, teacher: torch.fx.GraphMod
                     loss.backward()
                     optimizer.step()
                     if after_step is not None:
-                        after_step(layers.name(index))
-            result = LayerReconstruction(layers.name(index), steps if params else 0, before,
-                                         _mean_loss(part, inputs, targets, token_masks, sample),
-                                         time.perf_counter() - start)
-            logger.info("reconstruct: %s mse %.4g -> %.4g (%d steps, %.1f s)", result.layer, result.loss_before,
-                        result.loss_after, result.steps, result.seconds)
+                        for layer_name in names:
+                            after_step(layer_name)
+            after = _mean_loss(part, inputs, targets, token_masks, sample)
+            reverted = after > before
+            if reverted:
+                with torch.no_grad():
+                    for p, p0 in zip(params, initial, strict=True):
+                        p.copy_(p0)
+                after = before
+            result = LayerReconstruction(label, steps if params else 0, before, after, time.perf_counter() - start,
+                                         reverted)
+            logger.info("reconstruct: %s mse %.4g -> %.4g (%d steps, %.1f s)%s", result.layer, result.loss_before,
+                        result.loss_after, result.steps, result.seconds,
+                        ": no better, weights put back" if reverted else "")
             results.append(result)
             if progress is not None:
-                progress(index + 1, layers.count, result)
+                progress(index + 1, len(blocks), result)
     finally:
         student.train(modes[0])
         teacher.train(modes[1])
