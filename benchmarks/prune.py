@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--density", nargs="+", default=[], metavar="GLOB=FACTOR",
                    help="relative kept fraction of layers (the prune pass's density), e.g. '*.attention.query=0.5'")
     r.add_argument("--reconstruct-steps", type=int, default=0,
-                   help="block-wise reconstruction steps per layer after the first pruning (the prune pass's reconstruct_steps)")
+                   help="block-wise reconstruction steps per block (a layer by default) after the first pruning (the prune pass's reconstruct_steps)")
     r.add_argument("--reconstruct-lr", type=float, default=6e-3)
     r.add_argument("--reconstruct-sentences", type=int, default=2048)
     r.add_argument("--reconstruct-block", type=int, default=1, help="Transformer layers reconstructed together")

@@ -198,7 +198,9 @@ def reconstruct_layers(student: torch.fx.GraphModule, teacher: torch.fx.GraphMod
                        layers_per_block: int = 1, after_step: Callable[[str], None] | None = None,
                        progress: Callable[[int, int, LayerReconstruction], None] | None = None,
                        ) -> list[LayerReconstruction]:
-    """Trains each layer of ``student`` alone to reproduce ``teacher``'s, first to last (see the module doc).
+    """Trains each block of ``layers_per_block`` layers of ``student`` to reproduce ``teacher``'s, first to last.
+
+    See the module doc; by default each block is one layer.
 
     Args:
         student: the fx model to reconstruct, in place; it and ``teacher`` must have the same

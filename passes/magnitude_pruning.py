@@ -103,9 +103,9 @@ class PruneOptions(TrainingOptions):
     dropout: the trainer's. soft_label, hidden, attention, output: distillation loss weights
     (0 leaves a term out; the defaults measured best on MiniLM at 90%, output cosine weighted most);
     temperature: Hinton's T. data: "sentences" and corpus sources. reconstruct_steps: Adam steps per
-    block (a Transformer layer by default) of block-wise reconstruction after the first pruning (to initial_sparsity;
-    the final sparsity when steps = 0), 0 for none;
-    reconstruct_lr: its peak Adam learning rate (cosine-decayed to 0 within each layer); on MiniLM at
+    block (a Transformer layer by default) of block-wise reconstruction after the first pruning
+    (to initial_sparsity; the final sparsity when steps = 0), 0 for none;
+    reconstruct_lr: its peak Adam learning rate (cosine-decayed to 0 within each block); on MiniLM at
     90%, 250 steps a layer, held-out mean cosine 0.695 at 3e-4, 0.742 at 1e-3, 0.774 at 3e-3, 0.784 at
     6e-3 and 1e-2, 0.69 at 2e-2 and 0.22 at 4e-2 (diverged): the default, 6e-3, keeps off that edge;
     reconstruct_sentences: how many training sentences (drawn with the seed) it uses, in batches of
