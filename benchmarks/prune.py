@@ -170,9 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--reconstruct-lr", type=float, default=6e-3)
     r.add_argument("--reconstruct-sentences", type=int, default=2048)
     r.add_argument("--reconstruct-block", type=int, default=1, help="Transformer layers reconstructed together")
+    r.add_argument("--reconstruct-rounds", type=int, default=1,
+                   help="prunings on a cubic schedule, the first before reconstruction and the rest during each "
+                        "block's, the last at --prune-until of its steps (the prune pass's reconstruct_rounds)")
     r.add_argument("--cache", type=Path, help="keep pruned weights here; a later run reuses them (no training)")
     r.add_argument("--data", nargs="+", default=["sentences", "written", "recombined", "substituted"])
     r.add_argument("--int8", action="store_true", help="also lower to cpp with int8 values")
+    r.add_argument("--accuracy-only", action="store_true",
+                   help="only the eager model's agreement: no ONNX export, lowering, file sizes or latency")
     r.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
     if args.what == "table":
@@ -219,8 +224,60 @@ def _pruned(bundle, pass_, cache: Path | None, spec: str):
     return program, notes
 
 
+class _Lowering:
+    """Lowers pruned programs to ONNX Runtime (sparse initializers) and cpp, and times them against fp32 ORT."""
+
+    def __init__(self, bundle, args: argparse.Namespace) -> None:
+        import graphopt
+        from graphopt import registry
+        from graphopt.data import load_sentences
+
+        self.args, self.bundle = args, bundle
+        self.export = registry.passes.get("export")
+        self.fusions = [registry.passes.get("ort-fusions")()] if "ort-fusions" in registry.passes else []
+        fp32_program = graphopt.Pipeline([self.export(), *self.fusions], measure=False).run(graphopt.trace(bundle))
+        self.fp32 = graphopt.compile(fp32_program, "onnxruntime", threads=args.threads, spinning=False)
+        self.heldout = load_sentences("heldout")
+        self.batches = {1: bundle.tokenizer(self.heldout[:1]), 8: bundle.tokenizer(self.heldout[8:16])}
+        self.have_cpp = "cpp" in registry.backends
+        self.folder = Path(tempfile.mkdtemp(prefix="graphopt-prune-bench-"))
+        (self.folder / "fp32").mkdir()
+        self.fp32_bytes = _size(self.fp32, self.folder / "fp32")
+
+    def measure(self, program, spec: str, row: dict, reference: np.ndarray) -> None:
+        """Adds each backend's agreement, file sizes and batch-1/8 latencies to ``row``."""
+        import graphopt
+
+        args, tokenizer, heldout, folder = self.args, self.bundle.tokenizer, self.heldout, self.folder
+        export, fusions, fp32, fp32_bytes = self.export, self.fusions, self.fp32, self.fp32_bytes
+        onnx_program = graphopt.Pipeline([export(), *fusions], measure=False).run(program.clone())
+        ort_sparse = graphopt.compile(onnx_program, "onnxruntime", threads=args.threads, sparse_initializers=True)
+        ort_dense = graphopt.compile(onnx_program, "onnxruntime", threads=args.threads)
+        row["onnxruntime"] = _agreement(lambda **kw: ort_sparse(**kw)[0], tokenizer, heldout, reference)
+        sub = folder / spec.replace("@", "_")
+        (sub / "sparse").mkdir(parents=True)
+        (sub / "dense").mkdir()
+        row["bytes"] = {"onnx_fp32": fp32_bytes, "onnx_pruned_dense": _size(ort_dense, sub / "dense"),
+                        "onnx_sparse": _size(ort_sparse, sub / "sparse")}
+        runners = {"ort_fp32": lambda b: fp32(**b), "ort_sparse": lambda b: ort_sparse(**b),
+                   "torch_eager": lambda b: self.bundle.module(**b)}
+        if self.have_cpp:
+            for int8 in (False, True) if args.int8 else (False,):
+                key = "cpp_int8" if int8 else "cpp"
+                cpp = graphopt.compile(program, "cpp", **({"int8": True} if int8 else {}))
+                (sub / key).mkdir()
+                row["bytes"][key] = _size(cpp, sub / key)
+                with torch.inference_mode():
+                    row[key] = _agreement(lambda cpp=cpp, **kw: cpp(**kw)[0], tokenizer, heldout, reference)
+                runners[key] = lambda b, cpp=cpp: cpp(**b)
+        row["latency_ms"] = {}
+        for batch, inputs in self.batches.items():
+            with torch.inference_mode():
+                ms = _interleaved_ms({k: (lambda f=f: f(inputs)) for k, f in runners.items()}, args.rounds)
+            row["latency_ms"][batch] = {k: round(v, 3) for k, v in ms.items()}
+
+
 def run(args: argparse.Namespace) -> list[dict]:
-    import graphopt
     from graphopt import registry
     from graphopt.bench import machine_info
     from graphopt.data import load_sentences
@@ -233,19 +290,13 @@ def run(args: argparse.Namespace) -> list[dict]:
         from graphopt.evaluate import embed
 
         reference = embed(module, tokenizer, heldout)
-    prune, export = registry.passes.get("prune"), registry.passes.get("export")
-    fusions = [registry.passes.get("ort-fusions")()] if "ort-fusions" in registry.passes else []
-    fp32_program = graphopt.Pipeline([export(), *fusions], measure=False).run(graphopt.trace(bundle))
-    fp32 = graphopt.compile(fp32_program, "onnxruntime", threads=args.threads, spinning=False)
-    batches = {1: tokenizer(heldout[:1]), 8: tokenizer(heldout[8:16])}
-    have_cpp = "cpp" in registry.backends
-    folder = Path(tempfile.mkdtemp(prefix="graphopt-prune-bench-"))
-    (folder / "fp32").mkdir()
-    fp32_bytes = _size(fp32, folder / "fp32")
+    prune = registry.passes.get("prune")
+    lowering = None if args.accuracy_only else _Lowering(bundle, args)
     rows: list[dict] = []
-    print(f"# MiniLM, {args.steps} training steps per configuration, {args.threads} thread(s); fp32 ONNX "
-          f"{fp32_bytes / 1e6:.2f} MB; latency = median thread CPU ms over {args.rounds} interleaved rounds",
-          flush=True)
+    print(f"# MiniLM, {args.steps} training steps per configuration, {args.threads} thread(s)"
+          + ("; eager accuracy only" if lowering is None else
+             f"; fp32 ONNX {lowering.fp32_bytes / 1e6:.2f} MB; latency = median thread CPU ms over "
+             f"{args.rounds} interleaved rounds"), flush=True)
     for spec in args.configs:
         sparsity, _, pattern = spec.partition("@")
         options = dict(sparsity=float(sparsity), pattern=pattern or "unstructured", steps=args.steps,
@@ -255,6 +306,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                        hidden=args.hidden_weight, criterion=args.criterion, evaluate=False,
                        reconstruct_steps=args.reconstruct_steps, reconstruct_lr=args.reconstruct_lr,
                        reconstruct_sentences=args.reconstruct_sentences, reconstruct_block=args.reconstruct_block,
+                       reconstruct_rounds=args.reconstruct_rounds,
                        density={glob: float(f) for glob, _, f in (d.rpartition("=") for d in args.density)})
         program, notes = _pruned(bundle, prune(**options), args.cache, spec)
         # Training time: block-wise reconstruction (if any) and end-to-end distillation.
@@ -263,31 +315,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                      "sparsity": notes["overall_sparsity"]}
         with torch.inference_mode():
             row["eager"] = _agreement(program.ir, tokenizer, heldout, reference)
-        onnx_program = graphopt.Pipeline([export(), *fusions], measure=False).run(program.clone())
-        ort_sparse = graphopt.compile(onnx_program, "onnxruntime", threads=args.threads, sparse_initializers=True)
-        ort_dense = graphopt.compile(onnx_program, "onnxruntime", threads=args.threads)
-        row["onnxruntime"] = _agreement(lambda **kw: ort_sparse(**kw)[0], tokenizer, heldout, reference)
-        sub = folder / spec.replace("@", "_")
-        (sub / "sparse").mkdir(parents=True)
-        (sub / "dense").mkdir()
-        row["bytes"] = {"onnx_fp32": fp32_bytes, "onnx_pruned_dense": _size(ort_dense, sub / "dense"),
-                        "onnx_sparse": _size(ort_sparse, sub / "sparse")}
-        runners = {"ort_fp32": lambda b: fp32(**b), "ort_sparse": lambda b: ort_sparse(**b),
-                   "torch_eager": lambda b: module(**b)}
-        if have_cpp:
-            for int8 in (False, True) if args.int8 else (False,):
-                key = "cpp_int8" if int8 else "cpp"
-                cpp = graphopt.compile(program, "cpp", **({"int8": True} if int8 else {}))
-                (sub / key).mkdir()
-                row["bytes"][key] = _size(cpp, sub / key)
-                with torch.inference_mode():
-                    row[key] = _agreement(lambda cpp=cpp, **kw: cpp(**kw)[0], tokenizer, heldout, reference)
-                runners[key] = lambda b, cpp=cpp: cpp(**b)
-        row["latency_ms"] = {}
-        for batch, inputs in batches.items():
-            with torch.inference_mode():
-                ms = _interleaved_ms({k: (lambda f=f: f(inputs)) for k, f in runners.items()}, args.rounds)
-            row["latency_ms"][batch] = {k: round(v, 3) for k, v in ms.items()}
+        if lowering is not None:
+            lowering.measure(program, spec, row, reference)
         rows.append(row)
         print(json.dumps(row), flush=True)
     _print_table(rows)
@@ -301,20 +330,21 @@ def _print_table(rows: list[dict]) -> None:
           "b1 vs ORT fp32 | b8 vs ORT fp32 |")
     print("|" + "---|" * 12)
     for row in rows:
-        lat = row["latency_ms"]
+        lat = row.get("latency_ms")
         for key in ("eager", "onnxruntime", "cpp", "cpp_int8"):
             if key not in row:
                 continue
             runner = {"eager": "torch_eager", "onnxruntime": "ort_sparse"}.get(key, key)
-            size = row["bytes"].get({"onnxruntime": "onnx_sparse"}.get(key, key))
+            size = row.get("bytes", {}).get({"onnxruntime": "onnx_sparse"}.get(key, key))
             a = row[key]
             cells = [row["config"], f"{row['sparsity']:.3f}", f"{row['train_wall_s']:.0f}", key,
                      f"{a['mean_cosine']:.4f}", f"{a['spearman']:.4f}", f"{a['top1_agreement']:.3f}",
                      "" if size is None else f"{size / 1e6:.2f}"]
-            for b in (1, 8):
-                cells.append(f"{lat[b][runner]:.3f}")
-            for b in (1, 8):
-                cells.append(f"{lat[b]['ort_fp32'] / lat[b][runner]:.2f}x")
+            if lat is None:  # --accuracy-only
+                cells += [""] * 4
+            else:
+                cells += [f"{lat[b][runner]:.3f}" for b in (1, 8)]
+                cells += [f"{lat[b]['ort_fp32'] / lat[b][runner]:.2f}x" for b in (1, 8)]
             print("| " + " | ".join(cells) + " |")
 
 

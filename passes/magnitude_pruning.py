@@ -28,6 +28,16 @@ a fraction of an end-to-end one: 250 steps a layer took MiniLM at 90% from 0.506
 held-out mean cosine in 3.5 minutes. End-to-end distillation (``steps``) then continues from
 there; a short one undoes part of it (150 steps: 0.719), 2200 steps reached 0.799.
 
+``reconstruct_rounds = R > 1`` prunes gradually inside the reconstruction instead of at once: the
+model is first pruned to the first point of Zhu & Gupta's cubic from 0 to ``sparsity`` in R
+rounds (0.63 for 90% in 3), and each block, while it trains, is pruned further by the same
+criterion (with refit) at evenly spaced steps up to ``prune_until`` of its steps, reaching the
+final sparsity at the last; so each block's masks are chosen on weights that have already
+learnt to do without the weights removed before. A phase (the steps between two prunings)
+that ends worse than it began is put back before the next pruning. On MiniLM at 90%, 250 steps
+a layer: 0.797 at once, 0.826 in 3 rounds (0.820 in 5; the last round at 0.3 of the steps 0.814,
+at 0.6 or 0.8 0.826).
+
 ``steps = 0`` prunes once. ``steps > 0`` prunes gradually on Zhu & Gupta's cubic schedule, from
 ``initial_sparsity`` to ``sparsity`` every ``prune_every`` steps until ``prune_until`` of the
 steps (a point that would not raise the sparsity is skipped), distilling from the dense model
@@ -73,6 +83,7 @@ from graphopt.sparsity import (
     Pattern,
     PruningHook,
     apply_masks,
+    magnitude_mask,
     mask_sparsity,
     prune_layerwise,
     pruning_schedule,
@@ -110,6 +121,8 @@ class PruneOptions(TrainingOptions):
     6e-3 and 1e-2, 0.69 at 2e-2 and 0.22 at 4e-2 (diverged): the default, 6e-3, keeps off that edge;
     reconstruct_sentences: how many training sentences (drawn with the seed) it uses, in batches of
     batch_size. reconstruct_block: Transformer layers trained together as one block (1: each alone).
+    reconstruct_rounds: prunings on the cubic schedule, the first before reconstruction and the
+    others during each block's, the last at prune_until of its steps (1: all at once; needs steps = 0).
     evaluate: held-out agreement with the dense model (evaluation only, never trained on)."""
 
     sparsity: float = 0.9
@@ -139,6 +152,7 @@ class PruneOptions(TrainingOptions):
     reconstruct_lr: float = 6e-3
     reconstruct_sentences: int = 2048
     reconstruct_block: int = 1
+    reconstruct_rounds: int = 1
     evaluate: bool = True
 
     def __post_init__(self) -> None:
@@ -169,6 +183,16 @@ class PruneOptions(TrainingOptions):
             (self.reconstruct_lr > 0, f"reconstruct_lr must be > 0, got {self.reconstruct_lr}"),
             (self.reconstruct_sentences >= 1, f"reconstruct_sentences must be >= 1, got {self.reconstruct_sentences}"),
             (self.reconstruct_block >= 1, f"reconstruct_block must be >= 1, got {self.reconstruct_block}"),
+            (self.reconstruct_rounds >= 1, f"reconstruct_rounds must be >= 1, got {self.reconstruct_rounds}"),
+            (self.reconstruct_rounds == 1 or (self.reconstruct_steps and not self.steps),
+             ("reconstruct_rounds > 1 prunes during block-wise reconstruction: it needs reconstruct_steps > 0 "
+              "and steps = 0")),
+            (self.reconstruct_rounds == 1 or _distinct_inner(_round_steps(self.reconstruct_steps,
+                                                                          self.reconstruct_rounds, self.prune_until),
+                                                             self.reconstruct_steps),
+             (f"reconstruct_rounds = {self.reconstruct_rounds} needs {self.reconstruct_rounds - 1} distinct steps "
+              f"within 1 … reconstruct_steps - 1 up to prune_until = {self.prune_until} of them: raise "
+              "reconstruct_steps, or set prune_until below 1")),
         ]
         for ok, message in checks:
             if not ok:
@@ -300,7 +324,8 @@ class MagnitudePruningPass(Pass):
         """Prunes to the schedule's step-0 sparsity now (training will not redo it), then reconstructs block-wise."""
         o = self.options
         first = schedule[0]  # initial_sparsity, or the final one when steps = 0
-        hook.prune(program.ir, first, 0)
+        rounds = _round_sparsities(o.sparsity, o.reconstruct_rounds) if o.reconstruct_rounds > 1 else [first]
+        hook.prune(program.ir, rounds[0], 0)
         hook.schedule.pop(0)
         chosen = random.Random(o.seed).sample(list(sentences), min(o.reconstruct_sentences, len(sentences)))
         batches = [program.tokenizer(chosen[i:i + o.batch_size], max_length=o.max_length)
@@ -310,7 +335,7 @@ class MagnitudePruningPass(Pass):
 
         def progress(done: int, total: int, layer: LayerReconstruction) -> None:
             text = (f"{unit} {done}/{total} ({layer.layer}) reconstructed, mse {layer.loss_before:.4g} -> "
-                    f"{layer.loss_after:.4g}" + (" (no better: weights put back)" if layer.reverted else ""))
+                    f"{layer.loss_after:.4g}" + (f" ({layer.reverted} phase(s) no better: weights put back)" if layer.reverted else ""))
             logger.info("prune: %s", text)
             if self.progress_message is not None:
                 self.progress_message(text)
@@ -321,10 +346,26 @@ class MagnitudePruningPass(Pass):
         def reapply(layer: str) -> None:  # only the layers being trained change
             apply_masks(program.ir, {n: m for n, m in hook.masks.items() if n.startswith(layer + ".")})
 
+        sizes = {name: program.ir.get_submodule(name).weight.numel() for name in hook.names}
+        prune_at = _round_steps(o.reconstruct_steps, len(rounds), o.prune_until)
+
+        def prune_further(block: Sequence[str], point: int) -> None:
+            targets = hook.layer_sparsity(rounds[point + 1], sizes)
+            chosen = {n: t for n, t in targets.items() if any(n.startswith(layer + ".") for layer in block)}
+            if hook.choose_masks is not None:
+                masks = hook.choose_masks(program.ir, chosen)
+            else:
+                masks = {n: magnitude_mask(program.ir.get_submodule(n).weight, t, hook.pattern)
+                         for n, t in chosen.items()}
+            hook.masks.update(masks)
+            apply_masks(program.ir, masks)
+
         layers = reconstruct_layers(program.ir, teacher, batches, steps=o.reconstruct_steps, lr=o.reconstruct_lr,
                                     seed=o.seed, layers_per_block=o.reconstruct_block, after_step=reapply,
-                                    progress=progress)
-        return {"sparsity": first, "sentences": len(chosen), "steps_per_block": o.reconstruct_steps,
+                                    prune_at=prune_at, prune=prune_further, progress=progress)
+        if len(rounds) > 1:
+            hook.history.append((0, rounds[-1]))
+        return {"sparsity": rounds if len(rounds) > 1 else first, "sentences": len(chosen), "steps_per_block": o.reconstruct_steps,
                 "layers_per_block": o.reconstruct_block,
                 "wall_s": round(time.perf_counter() - start, 2), "layers": [r.as_dict() for r in layers]}
 
@@ -338,8 +379,8 @@ class MagnitudePruningPass(Pass):
             logger.info("prune: layer %d/%d (%s) pruned on activations", done, total, name)
 
         def choose(module: nn.Module, sparsity: Mapping[str, float]) -> dict[str, Any]:
-            return prune_layerwise(module, names, sparsity, batches, pattern=o.pattern, refit=o.refit,
-                                   progress=progress)
+            return prune_layerwise(module, [n for n in names if n in sparsity], sparsity, batches,
+                                   pattern=o.pattern, refit=o.refit, progress=progress)
 
         return choose
 
@@ -356,6 +397,21 @@ class MagnitudePruningPass(Pass):
             rows[name] = {"shape": list(mask.shape), "pattern": pattern, "sparsity": sparsity,
                           "zeros": int((weight == 0).sum())}
         return rows
+
+
+def _round_steps(steps: int, rounds: int, until: float) -> list[int]:
+    """The steps of a block's reconstruction before which rounds 2 … ``rounds`` prune (round 1 is before it):
+    evenly spaced up to ``until`` of the ``steps``."""
+    return [round(until * steps * r / (rounds - 1)) for r in range(1, rounds)]
+
+
+def _distinct_inner(points: list[int], steps: int) -> bool:
+    return len(set(points)) == len(points) and all(1 <= p < steps for p in points)
+
+
+def _round_sparsities(final: float, rounds: int) -> list[float]:
+    """The overall sparsity after each of ``rounds`` prunings on Zhu & Gupta's cubic from 0 to ``final``."""
+    return [final * (1.0 - (1.0 - r / rounds) ** 3) for r in range(1, rounds + 1)]
 
 
 def _embeddings(module: nn.Module, tokenizer: Any) -> np.ndarray:

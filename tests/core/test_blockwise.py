@@ -129,6 +129,32 @@ def test_a_block_that_training_makes_worse_is_put_back(tiny_program: Program) ->
     assert all(torch.equal(v, pruned[k]) for k, v in student.state_dict().items())
 
 
+def test_pruning_during_reconstruction_cuts_it_into_phases_each_put_back_if_worse(tiny_program: Program) -> None:
+    """prune_at = [3]: prune(names, 0) before step 3 of each block; at lr 1 both phases of every
+    block end worse, so each is put back: the weights end as pruned further from the start's."""
+    teacher = tiny_program.ir.eval()
+    student, masks = _pruned_copy(tiny_program, 0.8)
+    expected = copy.deepcopy(student)
+    further = {name: magnitude_mask(m.weight, 0.9) for name, m in expected.named_modules() if isinstance(m, nn.Linear)}
+    apply_masks(expected, further)
+    layers = find_layers(teacher)
+    calls: list[tuple[list[str], int]] = []
+
+    def prune(block: list[str], point: int) -> None:
+        calls.append((list(block), point))
+        chosen = {n: m for n, m in further.items() if any(n.startswith(layer + ".") for layer in block)}
+        masks.update(chosen)
+        apply_masks(student, chosen)
+
+    results = reconstruct_layers(student, teacher, _batches(tiny_program), steps=6, lr=1.0, prune_at=[3],
+                                 prune=prune, after_step=lambda layer: apply_masks(student, masks))
+    assert calls == [([layers.name(i)], 0) for i in range(layers.count)]
+    assert [r.reverted for r in results] == [2] * layers.count
+    assert all(r.loss_after > r.loss_before for r in results)  # sparser than it began, training undone
+    for name, value in student.state_dict().items():
+        assert torch.equal(value, expected.state_dict()[name]), name
+
+
 def test_reconstruction_checks_its_arguments(tiny_program: Program) -> None:
     student = copy.deepcopy(tiny_program.ir)
     with pytest.raises(ValueError, match="at least one batch"):
@@ -137,3 +163,9 @@ def test_reconstruction_checks_its_arguments(tiny_program: Program) -> None:
         reconstruct_layers(student, tiny_program.ir, _batches(tiny_program, 1), steps=0)
     with pytest.raises(ValueError, match="layers_per_block must be >= 1"):
         reconstruct_layers(student, tiny_program.ir, _batches(tiny_program, 1), steps=1, layers_per_block=0)
+    batches = _batches(tiny_program, 1)
+    for prune_at in ([0], [3, 2], [5], [2, 2]):
+        with pytest.raises(ValueError, match="prune_at must be increasing steps in 1 … 4"):
+            reconstruct_layers(student, tiny_program.ir, batches, steps=5, prune_at=prune_at, prune=lambda b, i: None)
+    with pytest.raises(ValueError, match="with a prune function"):
+        reconstruct_layers(student, tiny_program.ir, batches, steps=5, prune_at=[2])

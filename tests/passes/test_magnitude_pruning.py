@@ -181,11 +181,46 @@ def test_block_wise_reconstruction_after_the_first_pruning(tiny_program: Program
     assert gradual.notes["schedule"] == [[0, 0.5], [2, 0.8]] and gradual.notes["overall_sparsity"] == pytest.approx(0.8, abs=1e-3)
 
 
+@pytest.mark.parametrize("criterion", ["magnitude", "activation"])
+def test_reconstruction_rounds_prune_each_block_further_while_it_trains(tiny_program: Program, criterion: str) -> None:
+    """reconstruct_rounds = 3: every layer pruned first to the cubic's first point (0.9·(1 − (2/3)³));
+    each block then reaches 0.867 and 0.9 at its steps 2 and 4 (prune_until 0.5 of 8) and ends
+    at exactly 0.9 with its masks held, while the layers after it still wait at the first point."""
+    rounds = [0.9 * (1 - (1 - r / 3) ** 3) for r in (1, 2, 3)]
+    pass_ = Prune(sparsity=0.9, criterion=criterion, calibration_sentences=32, data=("sentences",), max_length=16,
+                  batch_size=8, reconstruct_steps=8, reconstruct_sentences=32, reconstruct_lr=1e-3,
+                  reconstruct_rounds=3, prune_until=0.5)
+    seen: dict[str, list[float]] = {}
+
+    def sparsity_by_layer(message: str) -> None:
+        if "reconstructed" in message:
+            for layer in ("layers.0", "layers.1"):
+                weights = [m.weight for n, m in _linears(program).items() if n.startswith(layer + ".")]
+                zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+                seen.setdefault(layer, []).append(zeros)
+
+    pass_.progress_message = sparsity_by_layer
+    program = tiny_program.clone()
+    result = pass_(program)
+    program = result.program
+    assert seen["layers.0"] == [pytest.approx(0.9, abs=2e-3)] * 2
+    assert seen["layers.1"] == [pytest.approx(rounds[0], abs=2e-3), pytest.approx(0.9, abs=2e-3)]
+    assert result.notes["reconstruct"]["sparsity"] == pytest.approx(rounds)
+    for name, linear in _linears(program).items():
+        mask = program.annotations[name][SPARSITY_KEY]["mask"]
+        assert int((~mask).sum()) == round(0.9 * mask.numel()) and bool((linear.weight[~mask] == 0).all()), name
+
+
 def test_block_wise_reconstruction_is_checked(tiny_program: Program) -> None:
     with pytest.raises(ValueError, match="reconstruct_steps"):
         Prune(reconstruct_steps=-1)
     with pytest.raises(ValueError, match="reconstruct_lr"):
         Prune(reconstruct_lr=0.0)
+    with pytest.raises(ValueError, match="reconstruct_rounds must be >= 1"):
+        Prune(reconstruct_steps=10, reconstruct_rounds=0)
+    for no_rounds in ({"reconstruct_steps": 0}, {"reconstruct_steps": 10, "steps": 5}):
+        with pytest.raises(ValueError, match="reconstruct_rounds > 1 .* needs reconstruct_steps > 0 and steps = 0"):
+            Prune(reconstruct_rounds=3, **no_rounds)
     program = tiny_program.clone()
     program.tokenizer = None
     with pytest.raises(PreconditionError, match="reconstruct_steps"):
