@@ -187,9 +187,9 @@ class PruneOptions(TrainingOptions):
             (self.reconstruct_rounds == 1 or (self.reconstruct_steps and not self.steps),
              ("reconstruct_rounds > 1 prunes during block-wise reconstruction: it needs reconstruct_steps > 0 "
               "and steps = 0")),
-            (self.reconstruct_rounds == 1 or _distinct_inner(_round_steps(self.reconstruct_steps,
-                                                                          self.reconstruct_rounds, self.prune_until),
-                                                             self.reconstruct_steps),
+            (self.reconstruct_rounds == 1 or _inside_and_distinct(
+                _round_steps(self.reconstruct_steps, self.reconstruct_rounds, self.prune_until),
+                self.reconstruct_steps),
              (f"reconstruct_rounds = {self.reconstruct_rounds} needs {self.reconstruct_rounds - 1} distinct steps "
               f"within 1 … reconstruct_steps - 1 up to prune_until = {self.prune_until} of them: raise "
               "reconstruct_steps, or set prune_until below 1")),
@@ -335,7 +335,8 @@ class MagnitudePruningPass(Pass):
 
         def progress(done: int, total: int, layer: LayerReconstruction) -> None:
             text = (f"{unit} {done}/{total} ({layer.layer}) reconstructed, mse {layer.loss_before:.4g} -> "
-                    f"{layer.loss_after:.4g}" + (f" ({layer.reverted} phase(s) no better: weights put back)" if layer.reverted else ""))
+                    f"{layer.loss_after:.4g}"
+                    + (f" ({layer.reverted} phase(s) no better: weights put back)" if layer.reverted else ""))
             logger.info("prune: %s", text)
             if self.progress_message is not None:
                 self.progress_message(text)
@@ -365,8 +366,8 @@ class MagnitudePruningPass(Pass):
                                     prune_at=prune_at, prune=prune_further, progress=progress)
         if len(rounds) > 1:
             hook.history.append((0, rounds[-1]))
-        return {"sparsity": rounds if len(rounds) > 1 else first, "sentences": len(chosen), "steps_per_block": o.reconstruct_steps,
-                "layers_per_block": o.reconstruct_block,
+        return {"sparsity": rounds if len(rounds) > 1 else first, "sentences": len(chosen),
+                "steps_per_block": o.reconstruct_steps, "layers_per_block": o.reconstruct_block,
                 "wall_s": round(time.perf_counter() - start, 2), "layers": [r.as_dict() for r in layers]}
 
     def _activation_masks(self, program: Program, names: list[str], calibration: list[str]) -> Callable[..., Any]:
@@ -405,7 +406,8 @@ def _round_steps(steps: int, rounds: int, until: float) -> list[int]:
     return [round(until * steps * r / (rounds - 1)) for r in range(1, rounds)]
 
 
-def _distinct_inner(points: list[int], steps: int) -> bool:
+def _inside_and_distinct(points: list[int], steps: int) -> bool:
+    """Whether ``points`` are distinct steps after the first and before the end of ``steps``."""
     return len(set(points)) == len(points) and all(1 <= p < steps for p in points)
 
 
