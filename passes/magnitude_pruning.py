@@ -36,7 +36,8 @@ final sparsity at the last; so each block's masks are chosen on weights that hav
 learnt to do without the weights removed before. A phase (the steps between two prunings)
 that ends worse than it began is put back before the next pruning. On MiniLM at 90%, 250 steps
 a layer: 0.797 at once, 0.826 in 3 rounds (0.820 in 5; the last round at 0.3 of the steps 0.814,
-at 0.6 or 0.8 0.826).
+at 0.6 or 0.8 0.826); 500 steps a block of two (the sparse-90 recipes): 0.826 -> 0.852; 2000
+steps a block of two on 8192 sentences (25 minutes): 0.887.
 
 ``steps = 0`` prunes once. ``steps > 0`` prunes gradually on Zhu & Gupta's cubic schedule, from
 ``initial_sparsity`` to ``sparsity`` every ``prune_every`` steps until ``prune_until`` of the
