@@ -248,18 +248,17 @@ class _Lowering:
         """Adds each backend's agreement, file sizes and batch-1/8 latencies to ``row``."""
         import graphopt
 
-        args, tokenizer, heldout, folder = self.args, self.bundle.tokenizer, self.heldout, self.folder
-        export, fusions, fp32, fp32_bytes = self.export, self.fusions, self.fp32, self.fp32_bytes
-        onnx_program = graphopt.Pipeline([export(), *fusions], measure=False).run(program.clone())
+        args, tokenizer, heldout = self.args, self.bundle.tokenizer, self.heldout
+        onnx_program = graphopt.Pipeline([self.export(), *self.fusions], measure=False).run(program.clone())
         ort_sparse = graphopt.compile(onnx_program, "onnxruntime", threads=args.threads, sparse_initializers=True)
         ort_dense = graphopt.compile(onnx_program, "onnxruntime", threads=args.threads)
         row["onnxruntime"] = _agreement(lambda **kw: ort_sparse(**kw)[0], tokenizer, heldout, reference)
-        sub = folder / spec.replace("@", "_")
+        sub = self.folder / spec.replace("@", "_")
         (sub / "sparse").mkdir(parents=True)
         (sub / "dense").mkdir()
-        row["bytes"] = {"onnx_fp32": fp32_bytes, "onnx_pruned_dense": _size(ort_dense, sub / "dense"),
+        row["bytes"] = {"onnx_fp32": self.fp32_bytes, "onnx_pruned_dense": _size(ort_dense, sub / "dense"),
                         "onnx_sparse": _size(ort_sparse, sub / "sparse")}
-        runners = {"ort_fp32": lambda b: fp32(**b), "ort_sparse": lambda b: ort_sparse(**b),
+        runners = {"ort_fp32": lambda b: self.fp32(**b), "ort_sparse": lambda b: ort_sparse(**b),
                    "torch_eager": lambda b: self.bundle.module(**b)}
         if self.have_cpp:
             for int8 in (False, True) if args.int8 else (False,):

@@ -419,16 +419,32 @@ class PruningHook:
 
     def prune(self, module: nn.Module, sparsity: float, step: int = -1) -> None:
         """Recomputes every mask at ``sparsity`` (overall) from the current weights and applies it."""
-        weights = {name: module.get_submodule(name).weight for name in self.names}
-        targets = self.layer_sparsity(sparsity, {name: w.numel() for name, w in weights.items()})
-        if self.choose_masks is not None:
-            self.masks = dict(self.choose_masks(module, targets))
-        elif self.scope == "global":
+        if self.scope == "global" and self.choose_masks is None:
+            weights = {name: module.get_submodule(name).weight for name in self.names}
             self.masks = global_magnitude_masks(weights, sparsity, self.pattern)
+            apply_masks(module, self.masks)
         else:
-            self.masks = {name: magnitude_mask(w, targets[name], self.pattern) for name, w in weights.items()}
-        apply_masks(module, self.masks)
+            self.masks = {}
+            self.prune_layers(module, sparsity, self.names)
         self.history.append((step, sparsity))
+
+    def prune_layers(self, module: nn.Module, sparsity: float, names: Sequence[str]) -> None:
+        """Recomputes and applies the masks of ``names`` only, each at its share of an overall ``sparsity``.
+
+        For pruning part of the model further (block by block); scope ``"layer"`` or ``choose_masks``.
+        """
+        if self.scope == "global" and self.choose_masks is None:
+            raise ValueError("prune_layers: a global threshold prunes all layers together; use prune")
+        sizes = {name: module.get_submodule(name).weight.numel() for name in self.names}
+        chosen = set(names)
+        targets = {name: t for name, t in self.layer_sparsity(sparsity, sizes).items() if name in chosen}
+        if self.choose_masks is not None:
+            masks = dict(self.choose_masks(module, targets))
+        else:
+            masks = {name: magnitude_mask(module.get_submodule(name).weight, t, self.pattern)
+                     for name, t in targets.items()}
+        self.masks.update(masks)
+        apply_masks(module, masks)
 
     def layer_sparsity(self, sparsity: float, sizes: Mapping[str, int]) -> dict[str, float]:
         """Each layer's share of an overall ``sparsity`` (``density``; all equal without it)."""

@@ -84,7 +84,6 @@ from graphopt.sparsity import (
     Pattern,
     PruningHook,
     apply_masks,
-    magnitude_mask,
     mask_sparsity,
     prune_layerwise,
     pruning_schedule,
@@ -185,6 +184,8 @@ class PruneOptions(TrainingOptions):
             (self.reconstruct_sentences >= 1, f"reconstruct_sentences must be >= 1, got {self.reconstruct_sentences}"),
             (self.reconstruct_block >= 1, f"reconstruct_block must be >= 1, got {self.reconstruct_block}"),
             (self.reconstruct_rounds >= 1, f"reconstruct_rounds must be >= 1, got {self.reconstruct_rounds}"),
+            (self.reconstruct_rounds == 1 or self.scope == "layer",
+             "reconstruct_rounds > 1 prunes block by block: scope = \"layer\""),
             (self.reconstruct_rounds == 1 or (self.reconstruct_steps and not self.steps),
              ("reconstruct_rounds > 1 prunes during block-wise reconstruction: it needs reconstruct_steps > 0 "
               "and steps = 0")),
@@ -348,19 +349,11 @@ class MagnitudePruningPass(Pass):
         def reapply(layer: str) -> None:  # only the layers being trained change
             apply_masks(program.ir, {n: m for n, m in hook.masks.items() if n.startswith(layer + ".")})
 
-        sizes = {name: program.ir.get_submodule(name).weight.numel() for name in hook.names}
         prune_at = _round_steps(o.reconstruct_steps, len(rounds), o.prune_until)
 
         def prune_further(block: Sequence[str], point: int) -> None:
-            targets = hook.layer_sparsity(rounds[point + 1], sizes)
-            chosen = {n: t for n, t in targets.items() if any(n.startswith(layer + ".") for layer in block)}
-            if hook.choose_masks is not None:
-                masks = hook.choose_masks(program.ir, chosen)
-            else:
-                masks = {n: magnitude_mask(program.ir.get_submodule(n).weight, t, hook.pattern)
-                         for n, t in chosen.items()}
-            hook.masks.update(masks)
-            apply_masks(program.ir, masks)
+            hook.prune_layers(program.ir, rounds[point + 1],
+                              [n for n in hook.names if any(n.startswith(layer + ".") for layer in block)])
 
         layers = reconstruct_layers(program.ir, teacher, batches, steps=o.reconstruct_steps, lr=o.reconstruct_lr,
                                     seed=o.seed, layers_per_block=o.reconstruct_block, after_step=reapply,

@@ -218,6 +218,8 @@ def test_block_wise_reconstruction_is_checked(tiny_program: Program) -> None:
         Prune(reconstruct_lr=0.0)
     with pytest.raises(ValueError, match="reconstruct_rounds must be >= 1"):
         Prune(reconstruct_steps=10, reconstruct_rounds=0)
+    with pytest.raises(ValueError, match="reconstruct_rounds > 1 prunes block by block"):
+        Prune(reconstruct_steps=10, reconstruct_rounds=3, scope="global")
     for no_rounds in ({"reconstruct_steps": 0}, {"reconstruct_steps": 10, "steps": 5}):
         with pytest.raises(ValueError, match="reconstruct_rounds > 1 .* needs reconstruct_steps > 0 and steps = 0"):
             Prune(reconstruct_rounds=3, **no_rounds)
