@@ -147,7 +147,7 @@ def _keep_largest(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Bool mask of ``scores``' shape removing the ``round(sparsity·numel)`` smallest (stable ties)."""
     flat = scores.reshape(-1)
     pruned = round(sparsity * flat.numel())
-    keep = torch.ones(flat.numel(), dtype=torch.bool)
+    keep = torch.ones(flat.numel(), dtype=torch.bool, device=scores.device)
     keep[torch.argsort(flat, stable=True)[:pruned]] = False
     return keep.reshape(scores.shape)
 
@@ -246,7 +246,7 @@ def refit_kept_weights(weight: torch.Tensor, second_moment: torch.Tensor, mask: 
         raise ValueError(f"mask shape {tuple(mask.shape)} differs from weight shape {tuple(weight.shape)}")
     sigma = second_moment.to(torch.float64)
     sigma = sigma + damping * float(sigma.diagonal().mean().clamp_min(1e-12)) * torch.eye(
-        sigma.shape[0], dtype=torch.float64)
+        sigma.shape[0], dtype=torch.float64, device=sigma.device)
     dense = weight.detach().to(torch.float64)
     target = dense @ sigma  # row o: Σ w_o, the right-hand side of each row's normal equations
     fitted = torch.zeros_like(dense)

@@ -178,6 +178,13 @@ def test_activation_mask_ranks_by_weight_times_input_scale() -> None:
         activation_mask(weight, torch.eye(3), 0.5)
 
 
+def test_masks_are_made_on_the_weights_device() -> None:
+    # "meta" stands in for a GPU here: a mask built on the CPU for a weight elsewhere fails to index.
+    weight = torch.randn(8, 16, device="meta")
+    assert magnitude_mask(weight, 0.5).device == weight.device
+    assert activation_mask(weight, torch.eye(16, device="meta"), 0.5).device == weight.device
+
+
 def test_refit_solves_least_squares_on_the_kept_weights() -> None:
     gen = torch.Generator().manual_seed(0)
     # Correlated inputs (rank ~6 of 12): a kept weight can stand in for a removed one.
