@@ -178,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--int8", action="store_true", help="also lower to cpp with int8 values")
     r.add_argument("--accuracy-only", action="store_true",
                    help="only the eager model's agreement: no ONNX export, lowering, file sizes or latency")
+    r.add_argument("--device", default="cpu",
+                   help="torch device the prune pass trains on (cuda: a GPU; the targets are for this CPU); "
+                        "the pruned model is evaluated, lowered and timed on CPU")
     r.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
     if args.what == "table":
@@ -198,8 +201,21 @@ def _size(executable, folder: Path) -> int:
     return sum(p.stat().st_size for p in executable.write_into(folder))
 
 
-def _pruned(bundle, pass_, cache: Path | None, spec: str):
-    """The pruned program and the pass's notes; trained once, then read from ``cache`` if given."""
+class _TokenizerOn:
+    """The tokenizer with its tensors put on ``device``: the prune pass tokenizes its own calibration and training text."""
+
+    def __init__(self, tokenizer, device: str) -> None:
+        self.tokenizer, self.device = tokenizer, device
+
+    def __getattr__(self, name: str):
+        return getattr(self.tokenizer, name)
+
+    def __call__(self, *args, **kwargs) -> dict:
+        return {k: v.to(self.device) for k, v in self.tokenizer(*args, **kwargs).items()}
+
+
+def _pruned(bundle, pass_, cache: Path | None, spec: str, device: str = "cpu"):
+    """The pruned program (on CPU) and the pass's notes; trained once (on ``device``), then read from ``cache`` if given."""
     import graphopt
     from safetensors.torch import load_file, save_file
 
@@ -215,7 +231,16 @@ def _pruned(bundle, pass_, cache: Path | None, spec: str):
             program.annotations.setdefault(name, {})[SPARSITY_KEY] = {
                 "mask": mask, "pattern": layer["pattern"], "sparsity": layer["sparsity"], "shape": layer["shape"]}
         return program, notes
+    if device != "cpu":
+        program.ir.to(device)
+        program.tokenizer = _TokenizerOn(program.tokenizer, device)
     program = graphopt.Pipeline([pass_], measure=False).run(program)
+    if device != "cpu":
+        program.ir.to("cpu")
+        program.tokenizer = program.tokenizer.tokenizer
+        for annotation in program.annotations.values():
+            if SPARSITY_KEY in annotation:
+                annotation[SPARSITY_KEY]["mask"] = annotation[SPARSITY_KEY]["mask"].cpu()
     notes = program.history[-1].notes
     if files is not None:
         cache.mkdir(parents=True, exist_ok=True)
@@ -307,7 +332,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                        reconstruct_sentences=args.reconstruct_sentences, reconstruct_block=args.reconstruct_block,
                        reconstruct_rounds=args.reconstruct_rounds,
                        density={glob: float(f) for glob, _, f in (d.rpartition("=") for d in args.density)})
-        program, notes = _pruned(bundle, prune(**options), args.cache, spec)
+        program, notes = _pruned(bundle, prune(**options), args.cache, spec, args.device)
         # Training time: block-wise reconstruction (if any) and end-to-end distillation.
         wall_s = notes.get("train", {}).get("wall_s", 0.0) + notes.get("reconstruct", {}).get("wall_s", 0.0)
         row: dict = {"config": spec, "options": options, "train_wall_s": wall_s,
