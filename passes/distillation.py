@@ -29,7 +29,7 @@ from typing import Any, Literal
 from torch import nn
 
 from graphopt import registry
-from graphopt.data.corpus import corpus_digest, load_training_data
+from graphopt.data.corpus import OWN_DATA, corpus_digest, load_training_data
 from graphopt.distill import (
     AttentionLoss,
     DistillationLoss,
@@ -46,8 +46,6 @@ from graphopt.train import TrainConfig, TrainingOptions, TrainProgress, train
 __all__ = ["DistillationPass"]
 
 logger = logging.getLogger(__name__)
-
-_DATA = ("sentences", "written", "recombined", "substituted")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +67,7 @@ class DistillOptions(TrainingOptions):
     steps: int = 500
     lr: float = 1e-3
     warmup_steps: int = 50
-    data: tuple[str, ...] = _DATA
+    data: tuple[str, ...] = OWN_DATA
     eval_every: int = 0
     early_stopping_patience: int = 0
     soft_label: float = 0.0
