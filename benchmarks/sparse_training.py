@@ -34,19 +34,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 class _CsrPair:
-    """A mask's CSR structure and its transpose's, with where each stored value sits in the dense weight."""
+    """A mask's CSR structure and its transpose's (``pack_csr`` of the mask), with where each stored value sits in the
+    dense weight: the values are gathered from the weight every step, as training changes them."""
 
     def __init__(self, mask: torch.Tensor) -> None:
-        out, inp = mask.shape
-        self.out, self.inp = out, inp
-        self.flat = mask.reshape(-1).nonzero().squeeze(1)
-        self.row_ptr = torch.cat([torch.zeros(1, dtype=torch.int64), mask.sum(1).cumsum(0)]).to(torch.int32)
-        self.col = (self.flat % inp).to(torch.int16 if inp <= 32767 else torch.int32)
-        mask_t = mask.t().contiguous()
-        flat_t = mask_t.reshape(-1).nonzero().squeeze(1)
-        self.flat_t = (flat_t % out) * inp + flat_t // out
-        self.row_ptr_t = torch.cat([torch.zeros(1, dtype=torch.int64), mask_t.sum(1).cumsum(0)]).to(torch.int32)
-        self.col_t = (flat_t % out).to(torch.int16 if out <= 32767 else torch.int32)
+        from backends.cpp.packing import pack_csr
+
+        self.out, self.inp = mask.shape
+        self.csr, self.csr_t = pack_csr(mask.float()), pack_csr(mask.t().float())
+        rows, cols = _entries(self.csr)
+        self.flat = rows * self.inp + cols
+        rows_t, cols_t = _entries(self.csr_t)  # entry (i, o) of W.T is W[o, i]
+        self.flat_t = cols_t * self.inp + rows_t
+
+
+def _entries(csr) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column of each stored entry of a ``CsrWeight``, in storage order."""
+    counts = (csr.row_ptr[1:] - csr.row_ptr[:-1]).long()
+    return torch.repeat_interleave(torch.arange(len(counts)), counts), csr.col_idx.long()
 
 
 class _SparseLinear(torch.autograd.Function):
@@ -59,7 +64,7 @@ class _SparseLinear(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.csr = csr
         values = weight.detach().reshape(-1)[csr.flat]
-        return csr_linear(x.contiguous(), csr.row_ptr, csr.col, values, bias.detach(), csr.out)
+        return csr_linear(x.contiguous(), csr.csr.row_ptr, csr.csr.col_idx, values, bias.detach(), csr.out)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
@@ -68,7 +73,8 @@ class _SparseLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         csr = ctx.csr
         grad_y = grad_y.contiguous()
-        grad_x = csr_linear(grad_y, csr.row_ptr_t, csr.col_t, weight.detach().reshape(-1)[csr.flat_t], None, csr.inp)
+        grad_x = csr_linear(grad_y, csr.csr_t.row_ptr, csr.csr_t.col_idx, weight.detach().reshape(-1)[csr.flat_t], None,
+                            csr.inp)
         rows = grad_y.reshape(-1, csr.out)
         return grad_x, rows.t() @ x.reshape(-1, csr.inp), rows.sum(0), None
 

@@ -417,9 +417,14 @@ class PruningHook:
         self.masks: dict[str, torch.Tensor] = dict(masks or {})
         self.history: list[tuple[int, float]] = []
 
+    @property
+    def _global_threshold(self) -> bool:
+        """One magnitude threshold over all layers (scope "global" without a custom mask choice)."""
+        return self.scope == "global" and self.choose_masks is None
+
     def prune(self, module: nn.Module, sparsity: float, step: int = -1) -> None:
         """Recomputes every mask at ``sparsity`` (overall) from the current weights and applies it."""
-        if self.scope == "global" and self.choose_masks is None:
+        if self._global_threshold:
             weights = {name: module.get_submodule(name).weight for name in self.names}
             self.masks = global_magnitude_masks(weights, sparsity, self.pattern)
             apply_masks(module, self.masks)
@@ -433,7 +438,7 @@ class PruningHook:
 
         For pruning part of the model further (block by block); scope ``"layer"`` or ``choose_masks``.
         """
-        if self.scope == "global" and self.choose_masks is None:
+        if self._global_threshold:
             raise ValueError("prune_layers: a global threshold prunes all layers together; use prune")
         sizes = {name: module.get_submodule(name).weight.numel() for name in self.names}
         chosen = set(names)

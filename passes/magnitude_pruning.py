@@ -57,7 +57,7 @@ import fnmatch
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -351,13 +351,12 @@ class MagnitudePruningPass(Pass):
             self.progress_message(f"reconstructing {unit} by {unit}, {o.reconstruct_steps} steps each")
         start = time.perf_counter()
         def reapply(layer: str) -> None:  # only the layers being trained change
-            apply_masks(program.ir, {n: m for n, m in hook.masks.items() if n.startswith(layer + ".")})
+            apply_masks(program.ir, {n: hook.masks[n] for n in _inside(hook.masks, [layer])})
 
         prune_at = _round_steps(o.reconstruct_steps, len(rounds), o.prune_until)
 
         def prune_further(block: Sequence[str], point: int) -> None:
-            hook.prune_layers(program.ir, rounds[point + 1],
-                              [n for n in hook.names if any(n.startswith(layer + ".") for layer in block)])
+            hook.prune_layers(program.ir, rounds[point + 1], _inside(hook.names, block))
 
         layers = reconstruct_layers(program.ir, teacher, batches, steps=o.reconstruct_steps, lr=o.reconstruct_lr,
                                     seed=o.seed, layers_per_block=o.reconstruct_block, after_step=reapply,
@@ -396,6 +395,11 @@ class MagnitudePruningPass(Pass):
             rows[name] = {"shape": list(mask.shape), "pattern": pattern, "sparsity": sparsity,
                           "zeros": int((weight == 0).sum())}
         return rows
+
+
+def _inside(names: Iterable[str], layers: Sequence[str]) -> list[str]:
+    """The ``names`` (Linears) that are submodules of one of ``layers`` (Transformer layers)."""
+    return [n for n in names if any(n.startswith(layer + ".") for layer in layers)]
 
 
 def _round_steps(steps: int, rounds: int, until: float) -> list[int]:

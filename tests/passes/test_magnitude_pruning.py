@@ -229,6 +229,12 @@ def test_block_wise_reconstruction_is_checked(tiny_program: Program) -> None:
         Prune(reconstruct_steps=10)(program)
 
 
+def test_training_text_defaults_to_the_distill_passs() -> None:
+    # Reconstruction overfits the trainer's default ("sentences" + "pydoc", ~1.2k sentences for MiniLM).
+    assert Prune().options.data == registry.passes.get("distill")().options.data
+    assert "written" in Prune().options.data
+
+
 def test_activation_criterion_needs_layer_scope_and_a_tokenizer(tiny_program: Program) -> None:
     with pytest.raises(ValueError, match="scope"):
         Prune(criterion="activation", scope="global")
