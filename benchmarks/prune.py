@@ -161,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--max-length", type=int, default=32)
     r.add_argument("--output-weight", type=float, default=5.0)
     r.add_argument("--hidden-weight", type=float, default=0.2)
+    r.add_argument("--soft-label-weight", type=float, default=1.0)
+    r.add_argument("--warmup-steps", type=int, default=100)
     r.add_argument("--criterion", choices=["magnitude", "activation"], default="magnitude",
                    help="magnitude: gradual schedule; activation: pruned once on activations with refit, then trained")
     r.add_argument("--density", nargs="+", default=[], metavar="GLOB=FACTOR",
@@ -327,7 +329,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                        initial_sparsity=min(args.initial_sparsity, float(sparsity)),
                        prune_every=args.prune_every, prune_until=args.prune_until, batch_size=args.batch_size,
                        lr=args.lr, max_length=args.max_length, data=tuple(args.data), output=args.output_weight,
-                       hidden=args.hidden_weight, criterion=args.criterion, evaluate=False,
+                       hidden=args.hidden_weight, soft_label=args.soft_label_weight,
+                       warmup_steps=args.warmup_steps, criterion=args.criterion, evaluate=False,
                        reconstruct_steps=args.reconstruct_steps, reconstruct_lr=args.reconstruct_lr,
                        reconstruct_sentences=args.reconstruct_sentences, reconstruct_block=args.reconstruct_block,
                        reconstruct_rounds=args.reconstruct_rounds,

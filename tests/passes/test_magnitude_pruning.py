@@ -211,6 +211,29 @@ def test_reconstruction_rounds_prune_each_block_further_while_it_trains(tiny_pro
         assert int((~mask).sum()) == round(0.9 * mask.numel()) and bool((linear.weight[~mask] == 0).all()), name
 
 
+def test_end_to_end_fine_tuning_after_reconstruction_rounds_keeps_the_final_masks(tiny_program: Program) -> None:
+    """reconstruct_rounds > 1 with steps > 0: the reconstruction reaches the final sparsity and the
+    trainer then trains the whole model at those masks (no pruning on its schedule), the pruned
+    weights staying zero; the kept weights move."""
+    common = {"sparsity": 0.9, "initial_sparsity": 0.9, "criterion": "magnitude", "data": ("sentences",),
+              "max_length": 16, "batch_size": 8, "reconstruct_steps": 8, "reconstruct_sentences": 32,
+              "reconstruct_lr": 1e-3, "reconstruct_rounds": 3, "prune_until": 0.5, "evaluate": False}
+    reconstructed = Prune(**common)(tiny_program.clone())
+    tuned = Prune(steps=6, lr=1e-3, warmup_steps=0, soft_label=0.0, hidden=0.0, output=1.0, **common)(
+        tiny_program.clone())
+    # Pruned at step 0 only: to the first round's sparsity, and to 0.9 by the reconstruction's end.
+    assert tuned.notes["schedule"] == [[0, pytest.approx(0.9 * (1 - (2 / 3) ** 3), abs=1e-4)], [0, 0.9]]
+    assert tuned.notes["train"]["steps"] == 6
+    moved = 0
+    for name, linear in _linears(tuned.program).items():
+        mask = tuned.program.annotations[name][SPARSITY_KEY]["mask"]
+        # Same masks as the reconstruction alone (same seed): the trainer did not prune.
+        assert torch.equal(mask, reconstructed.program.annotations[name][SPARSITY_KEY]["mask"]), name
+        assert int((~mask).sum()) == round(0.9 * mask.numel()) and bool((linear.weight[~mask] == 0).all()), name
+        moved += int((linear.weight != _linears(reconstructed.program)[name].weight).sum())
+    assert moved > 0
+
+
 def test_block_wise_reconstruction_is_checked(tiny_program: Program) -> None:
     with pytest.raises(ValueError, match="reconstruct_steps"):
         Prune(reconstruct_steps=-1)
@@ -220,9 +243,10 @@ def test_block_wise_reconstruction_is_checked(tiny_program: Program) -> None:
         Prune(reconstruct_steps=10, reconstruct_rounds=0)
     with pytest.raises(ValueError, match="reconstruct_rounds > 1 prunes block by block"):
         Prune(reconstruct_steps=10, reconstruct_rounds=3, scope="global")
-    for no_rounds in ({"reconstruct_steps": 0}, {"reconstruct_steps": 10, "steps": 5}):
-        with pytest.raises(ValueError, match="reconstruct_rounds > 1 .* needs reconstruct_steps > 0 and steps = 0"):
-            Prune(reconstruct_rounds=3, **no_rounds)
+    with pytest.raises(ValueError, match="reconstruct_rounds > 1 .* needs reconstruct_steps > 0"):
+        Prune(reconstruct_rounds=3, reconstruct_steps=0)
+    with pytest.raises(ValueError, match="steps > 0 then fine-tunes end to end at those masks: set initial_sparsity"):
+        Prune(reconstruct_rounds=3, reconstruct_steps=10, steps=5)  # initial_sparsity 0 would prune again
     program = tiny_program.clone()
     program.tokenizer = None
     with pytest.raises(PreconditionError, match="reconstruct_steps"):
