@@ -322,7 +322,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     print(f"# MiniLM, {args.steps} training steps per configuration, {args.threads} thread(s)"
           + ("; eager accuracy only" if lowering is None else
              f"; fp32 ONNX {lowering.fp32_bytes / 1e6:.2f} MB; latency = median thread CPU ms over "
-             f"{args.rounds} interleaved rounds"), flush=True)
+             f"{args.rounds} interleaved rounds"
+             + ("" if args.threads == 1 else " (the calling thread's alone: the other threads' work is not "
+                "counted, so compare latencies at --threads 1 only)")), flush=True)
     for spec in args.configs:
         sparsity, _, pattern = spec.partition("@")
         options = dict(sparsity=float(sparsity), pattern=pattern or "unstructured", steps=args.steps,
