@@ -2,8 +2,9 @@
 
 ``table``: for each of MiniLM's Linear shapes (out×in 384×384, 1536×384, 384×1536) and rows
 (batch × sequence: 1, 16, 128), the time of dense ``F.linear`` (fp32) and of graphopt's
-``csr_linear`` / ``sell_linear`` / ``bsr_linear`` (blocks 1×4, 1×8, 4×4, 16×1), fp32 and int8 values, at stored
-densities 0.05 … 0.5 (of entries for CSR, of blocks for BSR). All candidates of one shape and
+``csr_linear`` / ``sell_linear`` / ``bsr_linear`` (blocks 1×4, 1×8, 4×4, 16×1), fp32 and int8 values, at
+densities 0.05 … 0.5 (the fraction of nonzero entries, of nonzero blocks for BSR; CSR and SELL store some
+zeros beside them as padding). All candidates of one shape and
 rows are timed *interleaved*, round by round, so the load of a shared machine falls on all
 alike; figures are medians over rounds of samples that last about 1 ms. ``--write`` writes the
 table ``graphopt.sparsity.KernelTable`` reads (``graphopt/data/sparse_kernel_times.json``).
@@ -126,8 +127,8 @@ def table(args: argparse.Namespace) -> dict:
                   f"sparse {best[1]} {best[0]:.4f} ms", flush=True)
     result = {"schema": 1,
               "what": "ms of y = x @ W.T + b: dense F.linear (fp32) and graphopt's csr_linear / sell_linear / "
-                      "bsr_linear (fp32 and int8 values), out×in, rows = batch × sequence, density = stored "
-                      "fraction (entries for CSR and SELL, blocks for BSR)",
+                      "bsr_linear (fp32 and int8 values), out×in, rows = batch × sequence, density = nonzero "
+                      "fraction (of entries for CSR and SELL, whose padding is not counted; of blocks for BSR)",
               "command": "python benchmarks/prune.py table --write",
               "settings": {"threads": args.threads, "rounds": args.rounds,
                            "statistic": f"median of {args.rounds} interleaved rounds of ~1 ms samples of the "

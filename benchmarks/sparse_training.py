@@ -41,7 +41,7 @@ class _CsrPair:
         from backends.cpp.packing import pack_csr
 
         self.out, self.inp = mask.shape
-        self.csr, self.csr_t = pack_csr(mask.float()), pack_csr(mask.t().float())
+        self.csr, self.csr_t = pack_csr(mask.float(), row_multiple=1), pack_csr(mask.t().float(), row_multiple=1)
         rows, cols = _entries(self.csr)
         self.flat = rows * self.inp + cols
         rows_t, cols_t = _entries(self.csr_t)  # entry (i, o) of W.T is W[o, i]

@@ -9,7 +9,12 @@ Layouts (W is ``[out_features, in_features]``; ``y = x @ W.T + b``):
 
 * CSR: ``row_ptr`` int32 ``[out + 1]``; ``col_idx`` ``[nnz]``; ``values`` ``[nnz]``. Row
   pointers are int32 (a layer with 2**31 nonzeros is 8 GiB of fp32 values; packing refuses
-  it) because they are read once per row and int64 would only add bytes.
+  it) because they are read once per row and int64 would only add bytes. Each row is padded
+  with explicit zeros (value 0, the row's last column index) to a multiple of
+  ``row_multiple`` entries, 8 by default: the kernels take eight nonzeros at a time, and a
+  row's variable tail then never runs. That costs ~8% more entries at 90% sparsity on
+  MiniLM's layers and saves 7% of the sparse Linears' time at 15 rows and 25% at one row
+  (a standalone harness of the 36 layers, one core; neutral at 120 rows).
 * BSR with blocks ``(R, C)``: the weight is zero-padded to ``[ceil(out/R)*R,
   ceil(in/C)*C]``; ``row_ptr`` int32 ``[ceil(out/R) + 1]`` over block rows; ``col_idx``
   ``[n_blocks]`` in block units; ``values`` ``[n_blocks, R, C]``. All-zero blocks are not
@@ -63,7 +68,7 @@ class _Packed:
 
     @property
     def nnz(self) -> int:
-        """Number of stored values (zeros inside BSR blocks and SELL padding included)."""
+        """Number of stored values (zeros inside BSR blocks, CSR row padding and SELL padding included)."""
         return int(self.values.numel())
 
     @property
@@ -79,8 +84,9 @@ class CsrWeight(_Packed):
 
     Attributes:
         row_ptr: int32 ``[out + 1]``.
-        col_idx: int16 or int32 ``[nnz]``.
-        values: float32 or int8 ``[nnz]``.
+        col_idx: int16 or int32 ``[nnz]``, ascending within a row (a padding entry repeats
+            the row's last index).
+        values: float32 or int8 ``[nnz]``, explicit zeros for the padding.
         scales: float32 ``[out]`` per-row dequantisation scales when ``values`` is int8,
             else None.
         shape: ``(out_features, in_features)``.
@@ -102,7 +108,8 @@ class CsrWeight(_Packed):
         if self.scales is not None:
             vals = vals * self.scales[rows]
         dense = torch.zeros(out, inp)
-        dense[rows, self.col_idx.long()] = vals
+        # Padding entries (value 0) repeat a stored index: add, not assign.
+        dense.index_put_((rows, self.col_idx.long()), vals, accumulate=True)
         return dense
 
 
@@ -216,12 +223,14 @@ def _quantize_rows(w: Tensor, scales: Tensor) -> Tensor:
     return torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
 
 
-def pack_csr(weight: Tensor, dtype: torch.dtype = torch.float32) -> CsrWeight:
+def pack_csr(weight: Tensor, dtype: torch.dtype = torch.float32, *, row_multiple: int = 8) -> CsrWeight:
     """Packs a dense weight ``[out, in]`` into CSR, keeping its nonzero entries.
 
     Args:
         weight: the dense weight; zeros are the pruned entries.
         dtype: ``torch.float32``, or ``torch.int8`` for symmetric per-row int8 values.
+        row_multiple: each row's stored entries are padded with zeros to a multiple of
+            this (see the module doc); 1 stores exactly the nonzeros.
 
     Returns:
         The packed weight.
@@ -232,19 +241,30 @@ def pack_csr(weight: Tensor, dtype: torch.dtype = torch.float32) -> CsrWeight:
         y = sparse_linear(x, w, linear.bias)
     """
     w = _check_weight(weight, dtype)
+    if row_multiple < 1:
+        raise ValueError(f"row_multiple must be >= 1, got {row_multiple}")
     out, inp = w.shape
     mask = w != 0
-    rows, cols = mask.nonzero(as_tuple=True)
-    row_ptr = _row_pointer(torch.bincount(rows, minlength=out))
+    rows, cols = mask.nonzero(as_tuple=True)  # row-major: each row's columns ascending
+    counts = torch.bincount(rows, minlength=out)
+    stored = (counts + row_multiple - 1) // row_multiple * row_multiple
+    row_ptr = _row_pointer(stored)
+    starts = torch.zeros(out + 1, dtype=torch.int64)
+    starts[1:] = torch.cumsum(counts, 0)
+    # Every entry of a row first holds the row's last column; the nonzeros then overwrite theirs.
+    last_col = cols[(starts[1:] - 1).clamp(min=0)] if len(cols) else torch.zeros(out, dtype=torch.int64)
+    col_idx = torch.repeat_interleave(last_col, stored)
+    position = row_ptr.long()[rows] + torch.arange(len(rows)) - starts[rows]
+    col_idx[position] = cols
     scales = None
+    source = w
     if dtype == torch.int8:
         scales = _row_scales(w)
-        values = _quantize_rows(w, scales)[rows, cols]
-    else:
-        values = w[rows, cols]
-    col_idx = cols.to(_index_dtype(inp))
-    logger.debug("packed %dx%d weight as CSR: %d nonzeros, %s", out, inp, len(cols), dtype)
-    return CsrWeight(row_ptr, col_idx, values.contiguous(), scales, (out, inp))
+        source = _quantize_rows(w, scales)
+    values = torch.zeros(len(col_idx), dtype=dtype)
+    values[position] = source[rows, cols]
+    logger.debug("packed %dx%d weight as CSR: %d nonzeros in %d entries, %s", out, inp, len(cols), len(col_idx), dtype)
+    return CsrWeight(row_ptr, col_idx.to(_index_dtype(inp)), values, scales, (out, inp))
 
 
 def pack_bsr(

@@ -62,7 +62,12 @@ batch_shapes = st.sampled_from(
 )
 
 
-@pytest.mark.parametrize("pack", [pack_csr, pack_sell], ids=["csr", "sell"])
+def _pack_csr_exact(w: torch.Tensor, dtype: torch.dtype = torch.float32) -> CsrWeight:
+    """CSR without row padding: rows of any length, so the kernels' row tails run."""
+    return pack_csr(w, dtype, row_multiple=1)
+
+
+@pytest.mark.parametrize("pack", [pack_csr, _pack_csr_exact, pack_sell], ids=["csr", "csr_exact", "sell"])
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -173,7 +178,7 @@ def test_attention_rejects_what_it_does_not_compute(kernels) -> None:
 
 @pytest.mark.parametrize("batch", [1, 3, 8, 24, 130])
 @pytest.mark.parametrize(
-    "layout", ["csr", "csr8", "bsr1x8", "bsr4x4", "bsr16x1", "bsr16x1_8", "sell", "sell8"]
+    "layout", ["csr", "csr8", "csr_exact", "bsr1x8", "bsr4x4", "bsr16x1", "bsr16x1_8", "sell", "sell8"]
 )
 def test_large_layers_use_threads_and_match(kernels, batch, layout) -> None:
     # Big enough for the multi-thread path (tests/conftest.py sets 2 threads); 301 rows
@@ -183,6 +188,7 @@ def test_large_layers_use_threads_and_match(kernels, batch, layout) -> None:
     packed = {
         "csr": lambda: pack_csr(w),
         "csr8": lambda: pack_csr(w, torch.int8),
+        "csr_exact": lambda: _pack_csr_exact(w),
         "bsr1x8": lambda: pack_bsr(w, (1, 8)),
         "bsr4x4": lambda: pack_bsr(w, (4, 4)),
         "bsr16x1": lambda: pack_bsr(w, (16, 1)),
@@ -258,8 +264,31 @@ def test_packing_round_trips() -> None:
     assert (sell.row_order[37:] == -1).all()
     with pytest.raises(ValueError, match="2-D"):
         pack_csr(torch.ones(3))
+    with pytest.raises(ValueError, match="row_multiple"):
+        pack_csr(w, row_multiple=0)
     with pytest.raises(ValueError, match="block shape"):
         pack_bsr(w, (0, 4))
+
+
+@pytest.mark.parametrize("row_multiple", [1, 4, 8])
+def test_csr_rows_are_padded_with_zeros_to_the_row_multiple(row_multiple) -> None:
+    w = _weight(37, 53, 0.2, seed=2)
+    w[4] = 0  # an empty row stays empty
+    w[9] = 0
+    w[9, 52] = 1.5  # one nonzero, in the last column
+    packed = pack_csr(w, row_multiple=row_multiple)
+    counts = (w != 0).sum(dim=1)
+    stored = (packed.row_ptr[1:] - packed.row_ptr[:-1]).long()
+    assert torch.equal(stored, (counts + row_multiple - 1) // row_multiple * row_multiple)
+    assert packed.nnz == int(stored.sum())
+    assert torch.equal(packed.to_dense(), w)
+    for r in range(37):
+        s, e, n = int(packed.row_ptr[r]), int(packed.row_ptr[r + 1]), int(counts[r])
+        cols, vals = packed.col_idx[s:e].long(), packed.values[s:e]
+        assert torch.equal(cols[:n], w[r].nonzero().flatten())  # the nonzeros first, ascending
+        assert torch.equal(vals[:n], w[r][cols[:n]])
+        assert (vals[n:] == 0).all()  # padding: zeros at the row's last index
+        assert e == s or (cols[n:] == cols[n - 1]).all()
 
 
 def _op_args(kind: str, x: torch.Tensor, packed: CsrWeight | BsrWeight | SellWeight, bias: torch.Tensor | None):
