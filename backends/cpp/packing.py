@@ -249,8 +249,7 @@ def pack_csr(weight: Tensor, dtype: torch.dtype = torch.float32, *, row_multiple
     counts = torch.bincount(rows, minlength=out)
     stored = (counts + row_multiple - 1) // row_multiple * row_multiple
     row_ptr = _row_pointer(stored)
-    starts = torch.zeros(out + 1, dtype=torch.int64)
-    starts[1:] = torch.cumsum(counts, 0)
+    starts = _row_pointer(counts).long()  # where each row's nonzeros start in `rows, cols`
     # Every entry of a row first holds the row's last column; the nonzeros then overwrite theirs.
     last_col = cols[(starts[1:] - 1).clamp(min=0)] if len(cols) else torch.zeros(out, dtype=torch.int64)
     col_idx = torch.repeat_interleave(last_col, stored)
@@ -340,8 +339,7 @@ def pack_sell(weight: Tensor, dtype: torch.dtype = torch.float32) -> SellWeight:
     values = torch.zeros(entries, 8)
     rows, cols = mask.nonzero(as_tuple=True)  # row-major: each row's columns ascending
     # position of each nonzero within its row, and the lane / slice of its row
-    starts = torch.zeros(out + 1, dtype=torch.int64)
-    starts[1:] = torch.cumsum(counts, 0)
+    starts = _row_pointer(counts).long()
     within = torch.arange(len(rows)) - starts[rows]
     lane_of_row = torch.empty(out, dtype=torch.int64)
     lane_of_row[order] = torch.arange(out)

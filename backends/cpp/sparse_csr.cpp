@@ -9,7 +9,7 @@
 // Both finish 8 output rows at a time (one transpose, vector scale/bias/store): with ~40
 // nonzeros per row at 90% sparsity, per-row overhead otherwise costs as much as the row.
 // pack_csr pads each row with zeros to a multiple of 8 nonzeros, so the row tails below
-// (dot_scalar, the tail of row_tile) only run for packings made with row_multiple != 8.
+// (dot_scalar, the tail of row_tile) only run when row_multiple is not a multiple of 8.
 // Rows are split across threads by nonzero count (see sparse_common.h).
 #include "sparse_common.h"
 
