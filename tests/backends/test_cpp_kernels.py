@@ -116,14 +116,15 @@ def test_bsr_matches_dense(kernels, out, inp, block, density, batch, int8, with_
     queries=st.sampled_from([1, 2, 5, 8, 15, 17, 33]),
     keys=st.sampled_from([1, 3, 8, 15, 24, 129, 200]),
     head_dim=st.sampled_from([8, 16, 32, 40, 64]),
-    mask=st.sampled_from(["none", "padding", "full", "2d", "masked_row"]),
+    mask=st.sampled_from(["none", "padding", "full", "2d", "3d", "masked_row", "per_query", "transposed"]),
     layout=st.sampled_from(["contiguous", "heads_inner"]),
     scale=st.sampled_from([None, 0.3]),
     seed=st.integers(0, 2**16),
 )
 def test_attention_matches_torch(kernels, batch, heads, queries, keys, head_dim, mask, layout, scale, seed) -> None:
     """graphopt::attention against F.scaled_dot_product_attention (same inputs, atol 1e-5 on
-    unit-scale values): masks broadcast from [b,1,1,k], full [b,h,q,k] and 2-D [q,k]; inputs as
+    unit-scale values): masks broadcast from [b,1,1,k], full [b,h,q,k], 2-D [q,k] and 3-D
+    [h,q,k], broadcast along the keys ([b,h,q,1]) and with strided keys (a transposed view); inputs as
     contiguous tensors and as the [b, tokens, heads, dim] views a model's head split gives;
     more than 128 keys take torch's kernel inside the op; a query masked everywhere gets zeros."""
     g = torch.Generator().manual_seed(seed)
@@ -135,8 +136,11 @@ def test_attention_matches_torch(kernels, batch, heads, queries, keys, head_dim,
 
     q, k, v = tensor(queries), tensor(keys), tensor(keys)
     shapes = {"none": None, "padding": (batch, 1, 1, keys), "full": (batch, heads, queries, keys),
-              "2d": (queries, keys), "masked_row": (batch, 1, queries, keys)}
+              "2d": (queries, keys), "3d": (heads, queries, keys), "masked_row": (batch, 1, queries, keys),
+              "per_query": (batch, heads, queries, 1), "transposed": (batch, heads, keys, queries)}
     attn_mask = None if shapes[mask] is None else torch.randn(*shapes[mask], generator=g)
+    if mask == "transposed":
+        attn_mask = attn_mask.transpose(2, 3)
     if mask == "padding":
         attn_mask[..., -1] = torch.finfo(torch.float32).min
     if mask == "masked_row":
@@ -170,6 +174,8 @@ def test_attention_rejects_what_it_does_not_compute(kernels) -> None:
         ops.attention(torch.randn(1, 2, 3, 12), torch.randn(1, 2, 3, 12), torch.randn(1, 2, 3, 12))
     with pytest.raises(RuntimeError, match="additive float32"):
         ops.attention(q, q, q, torch.ones(1, 1, 1, 3, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="does not broadcast"):
+        ops.attention(q, q, q, torch.zeros(1, 2, 2, 3))
     with pytest.raises(RuntimeError, match="must agree"):
         ops.attention(q, torch.randn(1, 3, 3, 16), torch.randn(1, 3, 3, 16))
     with pytest.raises(RuntimeError, match="4-D float32"):
