@@ -101,6 +101,18 @@ def make_weight(
     return w * mask
 
 
+def call_floor(budget: float) -> tuple[float, float]:
+    """Seconds per call of our op and of ``F.linear`` on an 8x8 identity weight at batch 1.
+
+    Almost no arithmetic: what remains is the cost of calling an op from Python (argument
+    parsing, dispatch, the output's allocation). Every time in the table includes it once, which
+    matters at batch 1: a custom op goes through the dispatcher's boxed path, a native one does not.
+    """
+    eye, x = torch.eye(8), torch.randn(1, 8)
+    packed = pack_weight(eye, "csr", None)
+    return timeit(lambda: sparse_linear(x, packed, None), budget), timeit(lambda: F.linear(x, eye), budget)
+
+
 def kernel_bytes(packed: CsrWeight | BsrWeight | SellWeight, batch: int) -> int:
     n = packed.nbytes - (packed.scales.numel() * 4 if packed.scales is not None else 0)
     return n + batch * packed.shape[1] * 4
@@ -206,8 +218,11 @@ def main(argv: list[str] | None = None) -> None:
             "L3": copy_bandwidth(4 * 2**20, budget),
             "DRAM": copy_bandwidth(512 * 2**20, max(budget, 1.0)),
         }
+        floor_ours, floor_dense = call_floor(budget)
     levels = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in bw.items())
     print(f"# copy bandwidth, (read + write) GB/s: {levels}")
+    print(f"# call cost, in every time below (an 8x8 weight, batch 1): our op {floor_ours * 1e6:.1f} us, "
+          f"F.linear {floor_dense * 1e6:.1f} us")
     print("# speed-up = t_theirs / t_ours (> 1: ours faster); bw = bytes our kernel reads / time;")
     print("# frac = bw over the copy bandwidth of the level the data fits in. Times: medians.")
     print(HEADER)
