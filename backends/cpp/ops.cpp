@@ -252,26 +252,24 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::T
   // The mask is read through broadcast strides (0 along its size-1 dimensions) computed
   // here rather than through an expanded view: expand is two dispatcher calls per layer.
   at::Tensor mask;
-  int64_t mask_stride[3] = {0, 0, 0};
+  int64_t mask_stride[4] = {0, 0, 0, 0};
   if (attn_mask) {
     TORCH_CHECK(attn_mask->scalar_type() == at::kFloat, op, ": attn_mask must be an additive float32 mask, got ",
                 attn_mask->scalar_type());
     TORCH_CHECK(attn_mask->dim() <= 4, op, ": attn_mask must have at most 4 dimensions, got ", attn_mask->dim());
     const int64_t target[4] = {B, H, S, K};
-    int64_t stride[4];
     for (int i = 0; i < 4; ++i) {
       const int64_t d = i - (4 - attn_mask->dim());
       const int64_t size = d < 0 ? 1 : attn_mask->size(d);
       TORCH_CHECK(size == target[i] || size == 1, op, ": attn_mask of shape ", attn_mask->sizes(),
                   " does not broadcast to [", B, ", ", H, ", ", S, ", ", K, "]");
-      stride[i] = size == 1 ? 0 : attn_mask->stride(d);
+      mask_stride[i] = size == 1 ? 0 : attn_mask->stride(d);
     }
     mask = *attn_mask;
-    if (K > 1 && stride[3] != 1) {  // the kernel reads a mask row as contiguous keys
+    if (K > 1 && mask_stride[3] != 1) {  // the kernel reads a mask row as contiguous keys
       mask = attn_mask->expand({B, H, S, K}).contiguous();
-      for (int i = 0; i < 3; ++i) stride[i] = mask.stride(i);
+      for (int i = 0; i < 3; ++i) mask_stride[i] = mask.stride(i);
     }
-    std::copy(stride, stride + 3, mask_stride);
   }
   // [batch, tokens, heads, dim] in memory, returned as a [batch, heads, tokens, dim] view (as
   // torch's flash attention does): the usual transpose + flatten after attention is then free.
