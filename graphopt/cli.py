@@ -12,7 +12,8 @@ import logging
 import signal
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -142,18 +143,34 @@ def _check_plugins() -> None:
 
 
 class _RichProgress:
-    """A pipeline instrument that shows which pass runs and logs each as it ends."""
+    """A pipeline instrument that shows which pass runs and logs each as it ends.
 
-    def __init__(self, console: Console) -> None:
+    On a terminal the current step is a live status line. Off a terminal (a log file, CI) that
+    line is never drawn, and a recipe that trains for minutes would print nothing until its first
+    pass ends; there the messages become printed lines instead: each pass's start at once, then
+    the latest message at most every ``line_interval_s`` seconds.
+    """
+
+    def __init__(self, console: Console, *, line_interval_s: float = 30.0,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self.console = console
         self.status = console.status("starting")
-        self.started = time.perf_counter()
+        self.clock = clock
+        self.started = clock()
+        self.print_lines = not console.is_terminal
+        self.line_interval_s = line_interval_s
+        self._last_line_s = -float("inf")
 
-    def message(self, text: str) -> None:
-        self.status.update(f"{text} ({time.perf_counter() - self.started:.0f} s)")
+    def message(self, text: str, *, print_now: bool = False) -> None:
+        elapsed = self.clock() - self.started
+        line = f"{text} ({elapsed:.0f} s)"
+        self.status.update(line)
+        if self.print_lines and (print_now or elapsed - self._last_line_s >= self.line_interval_s):
+            self.console.print(line, highlight=False, soft_wrap=True)
+            self._last_line_s = elapsed
 
     def before_pass(self, index: int, total: int, pass_: Any, program: Any) -> None:
-        self.message(f"pass {index + 1}/{total}: {pass_.name}")
+        self.message(f"pass {index + 1}/{total}: {pass_.name}", print_now=True)
         if hasattr(pass_, "train_progress"):  # passes that train (distill) report each step
             pass_.train_progress = lambda p: self.message(
                 f"pass {index + 1}/{total}: {pass_.name} step {p.step}/{p.steps}, loss {p.loss:.4g} "

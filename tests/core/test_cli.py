@@ -114,3 +114,35 @@ def test_passes_lists_kinds_and_options(capsys: pytest.CaptureFixture[str]) -> N
     export = rows["export"]
     assert (export["kind_in"], export["kind_out"], export["exact"], export["tolerance"]) == ("module", "onnx", True, 1e-4)
     assert {"name": "opset", "type": "int", "default": 21} in export["options"]
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_progress_off_a_terminal_is_printed_as_lines(terminal: bool) -> None:
+    """Off a terminal the live status line is never drawn, so progress is printed: a pass's
+    start at once, later messages at most every line_interval_s; on a terminal, nothing extra."""
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from graphopt.cli import _RichProgress
+
+    out = io.StringIO()
+    now = [100.0]
+    progress = _RichProgress(Console(file=out, force_terminal=terminal, width=200), line_interval_s=30,
+                             clock=lambda: now[0])
+    prune = SimpleNamespace(name="prune", train_progress=None, progress_message=None)
+    progress.before_pass(0, 2, prune, None)
+    now[0] += 10
+    prune.progress_message("reconstructing layer by layer")  # 10 s after the last line: not printed
+    now[0] += 25
+    prune.train_progress(SimpleNamespace(step=7, steps=900, loss=0.25, parts={"output": 0.25}))
+    now[0] += 5
+    progress.before_pass(1, 2, SimpleNamespace(name="export"), None)  # a new pass: printed at once
+    lines = out.getvalue().splitlines()
+    if terminal:
+        assert lines == []
+    else:
+        assert lines == ["pass 1/2: prune (0 s)",
+                         "pass 1/2: prune step 7/900, loss 0.25 (output 0.25) (35 s)",
+                         "pass 2/2: export (40 s)"]
