@@ -10,6 +10,7 @@
 // compiled by AOTInductor.
 #include "sparse_common.h"
 
+#include <ATen/core/DimVector.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_strided.h>
@@ -75,7 +76,7 @@ Prepared prepare(const char* op, const at::Tensor& x, const at::Tensor& row_ptr,
   // (reshape and its view) per op. With the attention op's mask strides below, the MiniLM
   // forward makes 53 dispatcher calls instead of 152 (torch.profiler, 1 sentence).
   r.x = x.contiguous();
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  at::DimVector shape(x.sizes());  // inline storage: no heap allocation per call
   shape.back() = out_features;
   r.y = at::empty(shape, x.options());
   SparseProblem& p = r.p;
