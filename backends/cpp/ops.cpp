@@ -4,10 +4,10 @@
 // The schemas live in backends/cpp/ops.py (torch.library, namespace "graphopt"); this file
 // only implements them with TORCH_LIBRARY_IMPL, because a second TORCH_LIBRARY for one
 // namespace terminates the process (measured, torch 2.13). Argument checks here are the
-// ones that protect memory: shapes, dtypes and index ranges (the kernels clamp every index
-// they read and report malformed data after the fact), so a tampered weight file gives an
-// error, never an out-of-bounds read. At the end, the same ops as C entry points for code
-// compiled by AOTInductor.
+// ones that protect memory: shapes, dtypes and index ranges (the kernels check row pointers
+// and column indices as they go, except CSR's column indices, checked here once per index
+// tensor), so a tampered weight file gives an error, never an out-of-bounds read. At the
+// end, the same ops as C entry points for code compiled by AOTInductor.
 #include "sparse_common.h"
 
 #include <ATen/core/DimVector.h>
@@ -20,8 +20,10 @@
 #include <torch/csrc/inductor/aoti_torch/utils.h>
 #include <torch/library.h>
 
+#include <mutex>
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace graphopt {
 namespace {
@@ -117,6 +119,54 @@ void raise_errors(const char* op, const IndexErrors& err, int64_t col_limit) {
               "); the packed weight does not match in_features of x, or is corrupt");
 }
 
+// The largest column index (read as unsigned) of each index tensor the CSR ops have seen,
+// kept while the tensor's storage lives and its version counter (bumped by every in-place
+// write through torch) stays the same: model weights are read once, not on every call.
+// Inference tensors have no version counter and are read every time. An entry holds a weak
+// reference to the storage, so its address cannot be reused by another storage while the
+// entry exists; entries of freed storages are dropped as new ones come.
+class LargestIndexCache {
+ public:
+  uint32_t largest(const at::Tensor& col_idx) {
+    c10::TensorImpl* impl = col_idx.unsafeGetTensorImpl();
+    if (impl->is_inference()) return scan(col_idx);
+    const Key key{col_idx.storage().unsafeGetStorageImpl(), col_idx.storage_offset(), col_idx.numel(),
+                  col_idx.scalar_type(), impl->version_counter().current_version()};
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (const Entry& e : entries_)
+        if (e.key == key && !e.storage.expired()) return e.largest;
+    }
+    const uint32_t largest = scan(col_idx);
+    std::lock_guard<std::mutex> lock(mu_);
+    std::erase_if(entries_, [&](const Entry& e) {
+      return e.storage.expired() || (e.key.storage == key.storage && e.key.offset == key.offset);
+    });
+    entries_.push_back({key, col_idx.storage().getWeakStorageImpl(), largest});
+    return largest;
+  }
+
+ private:
+  struct Key {
+    const c10::StorageImpl* storage;
+    int64_t offset, numel;
+    at::ScalarType dtype;
+    uint32_t version;
+    bool operator==(const Key&) const = default;
+  };
+  struct Entry {
+    Key key;
+    c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+    uint32_t largest;
+  };
+  static uint32_t scan(const at::Tensor& col_idx) {
+    if (col_idx.scalar_type() == at::kShort) return detail::max_index(col_idx.data_ptr<int16_t>(), col_idx.numel());
+    return detail::max_index(col_idx.data_ptr<int32_t>(), col_idx.numel());
+  }
+  std::mutex mu_;
+  std::vector<Entry> entries_;
+};
+
 at::Tensor csr_impl(const char* op, const at::Tensor& x, const at::Tensor& row_ptr,
                     const at::Tensor& col_idx, const at::Tensor& values,
                     const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& bias,
@@ -125,7 +175,10 @@ at::Tensor csr_impl(const char* op, const at::Tensor& x, const at::Tensor& row_p
   Prepared r = prepare(op, x, row_ptr, col_idx, values, scales, bias, out_features, out_features,
                        values.numel());
   if (trivial(r)) return r.y;
+  static LargestIndexCache cache;
   IndexErrors err;
+  err.bad_col_idx = cache.largest(col_idx) >= static_cast<uint64_t>(r.p.in);
+  raise_errors(op, err, r.p.in);
   csr_forward(r.p, err);
   raise_errors(op, err, r.p.in);
   return r.y;

@@ -11,7 +11,12 @@
 // pack_csr pads each row with zeros to a multiple of 8 nonzeros, so the row tails below
 // (dot_scalar, the tail of row_tile) only run when row_multiple is not a multiple of 8.
 // Rows are split across threads by nonzero count (see sparse_common.h).
+// Every kernel checks each group's row pointers before reading the group. The batch-1 path
+// and int32 indices also check the column indices here; csr_tiles with int16 ones leaves
+// that to its caller, which checks each index tensor once (see csr_tiles).
 #include "sparse_common.h"
+
+#include <bit>
 
 namespace graphopt {
 namespace {
@@ -54,6 +59,36 @@ inline void checked_rows8(const SparseProblem& p, const I* col, int64_t o0, int 
   for (int r = 0; r < 8; ++r) {
     start[r] = len[r] = 0;
     if (r < nr) checked_row(p, col, o0 + r, lim, err, start[r], len[r]);
+  }
+}
+
+// The nonzeros of rows o0 .. o0 + nr - 1 (nr <= 8; the rest get empty rows) from the row
+// pointer alone, for kernels whose caller has checked the column indices (see csr_tiles):
+// eight pointers are checked with two vector loads and one compare.
+inline void checked_row_ptrs8(const SparseProblem& p, int64_t o0, int nr, IndexErrors& err,
+                              int64_t start[8], int64_t len[8]) {
+  const int32_t* rp = p.row_ptr + o0;
+#ifdef GRAPHOPT_AVX2
+  if (nr == 8 && rp[0] >= 0 && rp[8] <= p.nnz) {
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rp));
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rp + 1));
+    const __m256i decreasing = _mm256_cmpgt_epi32(a, b);
+    if (_mm256_testz_si256(decreasing, decreasing)) {
+      const __m256i n = _mm256_sub_epi32(b, a);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(start), _mm256_cvtepi32_epi64(_mm256_castsi256_si128(a)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(start + 4), _mm256_cvtepi32_epi64(_mm256_extracti128_si256(a, 1)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(len), _mm256_cvtepi32_epi64(_mm256_castsi256_si128(n)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(len + 4), _mm256_cvtepi32_epi64(_mm256_extracti128_si256(n, 1)));
+      return;
+    }
+  }
+#endif
+  for (int r = 0; r < 8; ++r) {
+    const int64_t s = r < nr ? rp[r] : 0, e = r < nr ? rp[r + 1] : 0;
+    const bool ok = s >= 0 && s <= e && e <= p.nnz;
+    if (!ok) err.bad_row_ptr.store(true, std::memory_order_relaxed);
+    start[r] = ok ? s : 0;
+    len[r] = ok ? e - s : 0;
   }
 }
 
@@ -115,9 +150,9 @@ void csr_gather(const SparseProblem& p, IndexErrors& err) {
   });
 }
 
-// res[0:NV] = sum_k val[k] * xt[col[k], 0:TB] for one (checked) weight row and one tile.
+// res[0:NV] = sum_k val[k] * xt[col[k] & mask, 0:TB] for one weight row and one tile.
 template <int TB, typename I, typename V>
-inline void row_tile(const I* col, const V* val, int64_t n, const float* xt, v8f* res) {
+inline void row_tile(const I* col, const V* val, int64_t n, const float* xt, uint32_t mask, v8f* res) {
   static_assert(TB % 8 == 0, "batch tiles are whole 8-float vectors");
   constexpr int NV = TB / 8;
   // S independent accumulator sets keep 8 vector FMA chains in flight: one chain would
@@ -140,7 +175,7 @@ inline void row_tile(const I* col, const V* val, int64_t n, const float* xt, v8f
 #pragma GCC unroll 8
     for (int j = 0; j < 8; ++j) {
       const float v = sizeof(V) == 1 ? vconv[j] : to_float(val[k + j]);
-      const int64_t c = sizeof(I) == 2 ? static_cast<uint16_t>(idx4[j / 4] >> (16 * (j % 4)))
+      const int64_t c = sizeof(I) == 2 ? static_cast<int64_t>((idx4[j / 4] >> (16 * (j % 4))) & mask)
                                        : static_cast<int64_t>(col[k + j]);
       const float* xr = xt + c * TB;
 #pragma GCC unroll 8
@@ -153,7 +188,8 @@ inline void row_tile(const I* col, const V* val, int64_t n, const float* xt, v8f
   for (int j = 0; j < 7; ++j) {
     if (k + j >= n) break;
     const float v = to_float(val[k + j]);
-    const float* xr = xt + static_cast<int64_t>(col[k + j]) * TB;
+    const uint32_t c = static_cast<std::make_unsigned_t<I>>(col[k + j]) & mask;
+    const float* xr = xt + static_cast<int64_t>(c) * TB;
 #pragma GCC unroll 8
     for (int q = 0; q < NV; ++q) acc[j % S][q] += v * load8(xr + 8 * q);
   }
@@ -168,14 +204,23 @@ inline void row_tile(const I* col, const V* val, int64_t n, const float* xt, v8f
   for (int q = 0; q < NV; ++q) res[q] = acc[0][q];
 }
 
+// With int16 indices this kernel does not check them: its caller has (ops.cpp checks each
+// index tensor once, not on every call; the pass cost ~7% of a 15-row product). It reads
+// row col & mask of a tile, mask = 2^k - 1 >= in - 1, and allocates the last tile with rows
+// up to 2^k: an index changed behind the caller's check (through .data, or numpy) gives a
+// wrong result, never a read outside the buffer. int32 indices (in > 65536) are checked
+// here, 8 rows at a time.
 template <int TB, typename I, typename V>
 void csr_tiles(const SparseProblem& p, IndexErrors& err) {
   constexpr int NV = TB / 8;
+  constexpr bool kMasked = sizeof(I) == 2;
   const I* col = static_cast<const I*>(p.col_idx);
   const V* val = static_cast<const V*>(p.values);
   const uint32_t lim = static_cast<uint32_t>(p.in - 1);
+  const uint32_t mask = kMasked ? std::bit_ceil(std::min<uint32_t>(lim, 0xffff) + 1) - 1 : ~0u;
   const int64_t tiles = (p.m + TB - 1) / TB;
-  Scratch buf(tiles * p.in * TB);
+  const int64_t guard_rows = kMasked ? std::max<int64_t>(0, int64_t{mask} + 1 - p.in) : 0;
+  Scratch buf((tiles * p.in + guard_rows) * TB);
   float* xt = buf.get();
   transpose_tiles(p.x, p.m, p.in, p.in, TB, xt);
   parallel_rows(p.row_ptr, p.out, p.nnz * p.m, [&](int64_t begin, int64_t end) {
@@ -194,13 +239,14 @@ void csr_tiles(const SparseProblem& p, IndexErrors& err) {
           const int nr = static_cast<int>(std::min<int64_t>(8, re - o0));
           v8f res[NV][8];
           int64_t start[8], len[8];
-          // Checked here, once per tile, rather than once per block before the tiles: the
-          // check then brings these rows' indices into L1 for the products (hoisted, 36
-          // MiniLM-shaped layers in sequence ran 2-7% slower at 120 and 15 rows, measured).
-          checked_rows8(p, col, o0, nr, lim, err, start, len);
+          // int32 indices are checked here, once per tile, rather than once per block before
+          // the tiles: the check then brings these rows' indices into L1 for the products
+          // (hoisted, 36 MiniLM-shaped layers in sequence ran 2-7% slower at 120 and 15 rows).
+          if constexpr (kMasked) checked_row_ptrs8(p, o0, nr, err, start, len);
+          else checked_rows8(p, col, o0, nr, lim, err, start, len);
           for (int r = 0; r < 8; ++r) {
             v8f row[NV];
-            row_tile<TB>(col + start[r], val + start[r], len[r], xtt, row);
+            row_tile<TB>(col + start[r], val + start[r], len[r], xtt, mask, row);
             for (int q = 0; q < NV; ++q) res[q][r] = row[q];
           }
           for (int q = 0; q < NV; ++q) {
