@@ -167,6 +167,15 @@ class LargestIndexCache {
   std::vector<Entry> entries_;
 };
 
+// Raises the kernels' error for a column index outside [0, in), reading col_idx only when the
+// cache has not seen it at this version.
+void check_columns(const char* op, const at::Tensor& col_idx, int64_t in) {
+  static LargestIndexCache cache;
+  IndexErrors err;
+  err.bad_col_idx = cache.largest(col_idx) >= static_cast<uint64_t>(in);
+  raise_errors(op, err, in);
+}
+
 at::Tensor csr_impl(const char* op, const at::Tensor& x, const at::Tensor& row_ptr,
                     const at::Tensor& col_idx, const at::Tensor& values,
                     const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& bias,
@@ -175,10 +184,8 @@ at::Tensor csr_impl(const char* op, const at::Tensor& x, const at::Tensor& row_p
   Prepared r = prepare(op, x, row_ptr, col_idx, values, scales, bias, out_features, out_features,
                        values.numel());
   if (trivial(r)) return r.y;
-  static LargestIndexCache cache;
+  check_columns(op, col_idx, r.p.in);
   IndexErrors err;
-  err.bad_col_idx = cache.largest(col_idx) >= static_cast<uint64_t>(r.p.in);
-  raise_errors(op, err, r.p.in);
   csr_forward(r.p, err);
   raise_errors(op, err, r.p.in);
   return r.y;
@@ -215,6 +222,7 @@ at::Tensor sell_impl(const char* op, const at::Tensor& x, const at::Tensor& slic
                        values.size(0), 8);
   r.p.row_order = row_order.data_ptr<int32_t>();
   if (trivial(r)) return r.y;
+  check_columns(op, col_idx, r.p.in);
   IndexErrors err;
   sell_forward(r.p, err);
   raise_errors(op, err, r.p.in);

@@ -241,18 +241,6 @@ void bsr_generic(const SparseProblem& p, int R, int C, const float* x, IndexErro
   });
 }
 
-// A zero-padded copy [m, in_pad] of x, for in not a multiple of C.
-Scratch padded_rows(const SparseProblem& p, int C) {
-  const int64_t in_pad = (p.in + C - 1) / C * C;
-  Scratch xp(p.m * in_pad);
-  float* d = xp.get();
-  for (int64_t b = 0; b < p.m; ++b) {
-    std::memcpy(d + b * in_pad, p.x + b * p.in, p.in * sizeof(float));
-    std::fill(d + b * in_pad + p.in, d + (b + 1) * in_pad, 0.f);
-  }
-  return xp;
-}
-
 template <int R, int C, typename V>
 void bsr_fixed(const SparseProblem& p, IndexErrors& err) {
   using I = int16_t;
@@ -268,7 +256,7 @@ void bsr_fixed(const SparseProblem& p, IndexErrors& err) {
       return bsr_tiles<R, C, 8, I, V>(p, err);
     } else {
       if (p.in % C == 0) return bsr_rows<R, C, I, V>(p, p.x, err);
-      Scratch xp = padded_rows(p, C);
+      Scratch xp = padded_rows(p, (p.in + C - 1) / C * C);
       return bsr_rows<R, C, I, V>(p, xp.get(), err);
     }
   }
@@ -295,7 +283,7 @@ void bsr_dispatch(const SparseProblem& p, int R, int C, IndexErrors& err) {
     if (R == 16 && C == 1) return bsr_fixed<16, 1, V>(p, err);
   }
   if (p.in % C == 0) return bsr_generic<I, V>(p, R, C, p.x, err);
-  Scratch xp = padded_rows(p, C);
+  Scratch xp = padded_rows(p, (p.in + C - 1) / C * C);
   bsr_generic<I, V>(p, R, C, xp.get(), err);
 }
 

@@ -10,6 +10,7 @@
 // Kernel files include no torch header: the torch headers cost ~10 s of compile time per
 // file, and the kernels only need raw pointers.
 #include <algorithm>
+#include <bit>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
@@ -363,21 +364,54 @@ inline v8f exp8(v8f x) {
 #endif
 }
 
-// x[c[0]], ..., x[c[7]] as a vector, from eight scalar loads; the caller has checked the
-// indices against x's length. Not AVX2's vgatherdps: on Zen 3 that is slower than scalar
-// loads inserted into a vector (0.47 against 0.27 ns a nonzero in a sparse dot product,
-// measured here); int16 indices are read four to a 64-bit load, which frees load slots
-// (0.32 -> 0.27 ns).
+// Column indices of int16 are not checked by the kernels on every call: the ops check each
+// index tensor once (ops.cpp; a pass over the indices on every call cost ~7% of a 15-row
+// product and ~13% of a one-row one). For memory safety the kernels read column c & mask
+// instead, mask = 2^k - 1 >= in - 1, of x or x's tiles padded to 2^k columns (rows): an
+// index changed behind the ops' check (through .data, or numpy) gives a wrong result, never
+// a read outside the buffers.
+inline uint32_t index16_mask(int64_t in) {
+  return std::bit_ceil(static_cast<uint32_t>(std::clamp<int64_t>(in - 1, 0, 0xffff)) + 1) - 1;
+}
+
+// Columns (rows of a tile) that a buffer of `in` needs after it for index16_mask(in).
+inline int64_t index16_guard(int64_t in) { return std::max<int64_t>(0, int64_t{index16_mask(in)} + 1 - in); }
+
+// A copy [m, in_pad] of x with each row zero-padded from in to in_pad columns.
+inline Scratch padded_rows(const SparseProblem& p, int64_t in_pad) {
+  Scratch xp(p.m * in_pad);
+  float* d = xp.get();
+  for (int64_t b = 0; b < p.m; ++b) {
+    std::memcpy(d + b * in_pad, p.x + b * p.in, p.in * sizeof(float));
+    std::fill(d + b * in_pad + p.in, d + (b + 1) * in_pad, 0.f);
+  }
+  return xp;
+}
+
+// The rows of x that gather8 reads with indices of type I: for int16, rows padded for
+// index16_mask, copied into `copy` (a few KB at batch 1); otherwise x itself. Sets the
+// rows' stride.
 template <typename I>
-inline v8f gather8(const float* x, const I* c) {
+inline const float* rows_for_gather(const SparseProblem& p, Scratch& copy, int64_t& stride) {
+  stride = p.in + (sizeof(I) == 2 ? index16_guard(p.in) : 0);
+  if (stride == p.in) return p.x;
+  copy = padded_rows(p, stride);
+  return copy.get();
+}
+
+// x[c[0]], ..., x[c[7]] as a vector, from eight scalar loads; int16 indices are read as
+// c & mask (see index16_mask), int32 ones the caller has checked against x's length. Not
+// AVX2's vgatherdps: on Zen 3 that is slower than scalar loads inserted into a vector (0.47
+// against 0.27 ns a nonzero in a sparse dot product, measured here); int16 indices are read
+// four to a 64-bit load, which frees load slots (0.32 -> 0.27 ns).
+template <typename I>
+inline v8f gather8(const float* x, const I* c, uint32_t mask) {
   if constexpr (sizeof(I) == 2) {
     uint64_t lo, hi;
     std::memcpy(&lo, c, sizeof lo);
     std::memcpy(&hi, c + 4, sizeof hi);
-    return v8f{x[static_cast<uint16_t>(lo)], x[static_cast<uint16_t>(lo >> 16)],
-               x[static_cast<uint16_t>(lo >> 32)], x[static_cast<uint16_t>(lo >> 48)],
-               x[static_cast<uint16_t>(hi)], x[static_cast<uint16_t>(hi >> 16)],
-               x[static_cast<uint16_t>(hi >> 32)], x[static_cast<uint16_t>(hi >> 48)]};
+    return v8f{x[lo & mask], x[(lo >> 16) & mask], x[(lo >> 32) & mask], x[(lo >> 48) & mask],
+               x[hi & mask], x[(hi >> 16) & mask], x[(hi >> 32) & mask], x[(hi >> 48) & mask]};
   } else {
     const uint32_t* u = reinterpret_cast<const uint32_t*>(c);
     return v8f{x[u[0]], x[u[1]], x[u[2]], x[u[3]], x[u[4]], x[u[5]], x[u[6]], x[u[7]]};

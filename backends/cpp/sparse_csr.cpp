@@ -11,12 +11,9 @@
 // pack_csr pads each row with zeros to a multiple of 8 nonzeros, so the row tails below
 // (dot_scalar, the tail of row_tile) only run when row_multiple is not a multiple of 8.
 // Rows are split across threads by nonzero count (see sparse_common.h).
-// Every kernel checks each group's row pointers before reading the group. The batch-1 path
-// and int32 indices also check the column indices here; csr_tiles with int16 ones leaves
-// that to its caller, which checks each index tensor once (see csr_tiles).
+// Each group's row pointers are checked before the group is read; int32 column indices
+// too, and int16 ones are masked (see index16_mask).
 #include "sparse_common.h"
-
-#include <bit>
 
 namespace graphopt {
 namespace {
@@ -92,51 +89,68 @@ inline void checked_row_ptrs8(const SparseProblem& p, int64_t o0, int nr, IndexE
   }
 }
 
+// Column c & mask of x (int16 indices; see index16_mask), or column c (int32).
+template <typename I>
+inline uint32_t column(I c, uint32_t mask) {
+  return sizeof(I) == 2 ? static_cast<uint16_t>(c) & mask : static_cast<uint32_t>(c);
+}
+
 // Scalar part of a sparse dot product: the last n % 8 nonzeros of a row.
 template <typename I, typename V>
-inline float dot_scalar(const I* col, const V* val, int64_t k, int64_t n, const float* x) {
+inline float dot_scalar(const I* col, const V* val, int64_t k, int64_t n, const float* x, uint32_t mask) {
   float s0 = 0.f, s1 = 0.f;
   for (; k + 2 <= n; k += 2) {
-    s0 += to_float(val[k]) * x[col[k]];
-    s1 += to_float(val[k + 1]) * x[col[k + 1]];
+    s0 += to_float(val[k]) * x[column(col[k], mask)];
+    s1 += to_float(val[k + 1]) * x[column(col[k + 1], mask)];
   }
-  if (k < n) s0 += to_float(val[k]) * x[col[k]];
+  if (k < n) s0 += to_float(val[k]) * x[column(col[k], mask)];
   return s0 + s1;
 }
 
-// Sparse dot product of one (checked) weight row with x, as a vector whose lanes sum to
-// the result: eight nonzeros at a time (gather8), two accumulators so that consecutive FMAs
-// do not wait on each other.
+// Sparse dot product of one weight row with x, as a vector whose lanes sum to the result:
+// eight nonzeros at a time (gather8), two accumulators so that consecutive FMAs do not wait
+// on each other.
 template <typename I, typename V>
-inline v8f dot_row(const I* col, const V* val, int64_t n, const float* x) {
+inline v8f dot_row(const I* col, const V* val, int64_t n, const float* x, uint32_t mask) {
   int64_t k = 0;
   v8f a0 = v8f{}, a1 = v8f{};
   for (; k + 16 <= n; k += 16) {
-    a0 += load8_as_float(val + k) * gather8(x, col + k);
-    a1 += load8_as_float(val + k + 8) * gather8(x, col + k + 8);
+    a0 += load8_as_float(val + k) * gather8(x, col + k, mask);
+    a1 += load8_as_float(val + k + 8) * gather8(x, col + k + 8, mask);
   }
   if (k + 8 <= n) {
-    a0 += load8_as_float(val + k) * gather8(x, col + k);
+    a0 += load8_as_float(val + k) * gather8(x, col + k, mask);
     k += 8;
   }
   v8f r = a0 + a1;
-  r[0] += dot_scalar(col, val, k, n, x);
+  r[0] += dot_scalar(col, val, k, n, x, mask);
   return r;
+}
+
+// The row pointers (and int32 column indices) of rows o0 .. o0 + nr - 1, checked.
+template <typename I>
+inline void checked_group(const SparseProblem& p, const I* col, int64_t o0, int nr, IndexErrors& err,
+                          int64_t start[8], int64_t len[8]) {
+  if constexpr (sizeof(I) == 2) checked_row_ptrs8(p, o0, nr, err, start, len);
+  else checked_rows8(p, col, o0, nr, static_cast<uint32_t>(p.in - 1), err, start, len);
 }
 
 template <typename I, typename V>
 void csr_gather(const SparseProblem& p, IndexErrors& err) {
   const I* col = static_cast<const I*>(p.col_idx);
   const V* val = static_cast<const V*>(p.values);
-  const uint32_t lim = static_cast<uint32_t>(p.in - 1);
+  const uint32_t mask = sizeof(I) == 2 ? index16_mask(p.in) : ~0u;
+  Scratch copy(0);
+  int64_t stride;
+  const float* x = rows_for_gather<I>(p, copy, stride);
   parallel_rows(p.row_ptr, p.out, p.nnz * p.m, [&](int64_t begin, int64_t end) {
     for (int64_t o0 = begin; o0 < end; o0 += 8) {
       const int nr = static_cast<int>(std::min<int64_t>(8, end - o0));
       int64_t start[8], len[8];
-      checked_rows8(p, col, o0, nr, lim, err, start, len);
+      checked_group(p, col, o0, nr, err, start, len);
       for (int64_t b = 0; b < p.m; ++b) {
         v8f acc[8];
-        for (int r = 0; r < 8; ++r) acc[r] = dot_row(col + start[r], val + start[r], len[r], p.x + b * p.in);
+        for (int r = 0; r < 8; ++r) acc[r] = dot_row(col + start[r], val + start[r], len[r], x + b * stride, mask);
         const v8f sums = reduce8(acc);
         if (nr == 8) {
           const v8f sc = p.scales ? load8(p.scales + o0) : v8f{} + 1.f;
@@ -188,8 +202,7 @@ inline void row_tile(const I* col, const V* val, int64_t n, const float* xt, uin
   for (int j = 0; j < 7; ++j) {
     if (k + j >= n) break;
     const float v = to_float(val[k + j]);
-    const uint32_t c = static_cast<std::make_unsigned_t<I>>(col[k + j]) & mask;
-    const float* xr = xt + static_cast<int64_t>(c) * TB;
+    const float* xr = xt + static_cast<int64_t>(column(col[k + j], mask)) * TB;
 #pragma GCC unroll 8
     for (int q = 0; q < NV; ++q) acc[j % S][q] += v * load8(xr + 8 * q);
   }
@@ -204,23 +217,15 @@ inline void row_tile(const I* col, const V* val, int64_t n, const float* xt, uin
   for (int q = 0; q < NV; ++q) res[q] = acc[0][q];
 }
 
-// With int16 indices this kernel does not check them: its caller has (ops.cpp checks each
-// index tensor once, not on every call; the pass cost ~7% of a 15-row product). It reads
-// row col & mask of a tile, mask = 2^k - 1 >= in - 1, and allocates the last tile with rows
-// up to 2^k: an index changed behind the caller's check (through .data, or numpy) gives a
-// wrong result, never a read outside the buffer. int32 indices (in > 65536) are checked
-// here, 8 rows at a time.
+// The last tile is allocated with index16_guard rows after it, for the mask.
 template <int TB, typename I, typename V>
 void csr_tiles(const SparseProblem& p, IndexErrors& err) {
   constexpr int NV = TB / 8;
-  constexpr bool kMasked = sizeof(I) == 2;
   const I* col = static_cast<const I*>(p.col_idx);
   const V* val = static_cast<const V*>(p.values);
-  const uint32_t lim = static_cast<uint32_t>(p.in - 1);
-  const uint32_t mask = kMasked ? std::bit_ceil(std::min<uint32_t>(lim, 0xffff) + 1) - 1 : ~0u;
+  const uint32_t mask = sizeof(I) == 2 ? index16_mask(p.in) : ~0u;
   const int64_t tiles = (p.m + TB - 1) / TB;
-  const int64_t guard_rows = kMasked ? std::max<int64_t>(0, int64_t{mask} + 1 - p.in) : 0;
-  Scratch buf((tiles * p.in + guard_rows) * TB);
+  Scratch buf((tiles * p.in + (sizeof(I) == 2 ? index16_guard(p.in) : 0)) * TB);
   float* xt = buf.get();
   transpose_tiles(p.x, p.m, p.in, p.in, TB, xt);
   parallel_rows(p.row_ptr, p.out, p.nnz * p.m, [&](int64_t begin, int64_t end) {
@@ -242,8 +247,7 @@ void csr_tiles(const SparseProblem& p, IndexErrors& err) {
           // int32 indices are checked here, once per tile, rather than once per block before
           // the tiles: the check then brings these rows' indices into L1 for the products
           // (hoisted, 36 MiniLM-shaped layers in sequence ran 2-7% slower at 120 and 15 rows).
-          if constexpr (kMasked) checked_row_ptrs8(p, o0, nr, err, start, len);
-          else checked_rows8(p, col, o0, nr, lim, err, start, len);
+          checked_group(p, col, o0, nr, err, start, len);
           for (int r = 0; r < 8; ++r) {
             v8f row[NV];
             row_tile<TB>(col + start[r], val + start[r], len[r], xtt, mask, row);

@@ -15,9 +15,10 @@
 //    nonzeros against 62 us for as many on 384x1536's 4x longer rows).
 //
 // row_order[8 s + r] is the output row of lane r of slice s, or -1 for the padding lanes of
-// the last slice. Each slice's column indices are checked (one vectorised max over data the
-// slice then reads from L1) before it is used, so malformed data gives an error and never an
-// out-of-bounds read.
+// the last slice. Each slice's pointer is checked before the slice is read, and its int32
+// column indices too (one vectorised max over data the slice then reads from L1); int16 ones
+// are masked (see index16_mask). So malformed data gives an error, or for int16 indices
+// changed behind the ops' check a wrong result, and never an out-of-bounds read.
 #include "sparse_common.h"
 
 namespace graphopt {
@@ -25,10 +26,10 @@ namespace {
 
 using namespace detail;
 
-// Runs f(s, c, v, n) for each slice s with a valid slice pointer and column indices below
-// p.in (its n entries start at column indices c and values v), over balanced slice ranges; a
-// bad pointer or index is recorded and its slice skipped. y is zeroed first, so lanes no slice
-// writes (a skipped slice, a corrupt row_order) stay defined.
+// Runs f(s, c, v, n) for each slice s with a valid slice pointer (and int32 column indices
+// below p.in; its n entries start at column indices c and values v), over balanced slice
+// ranges; a bad pointer or index is recorded and its slice skipped. y is zeroed first, so
+// lanes no slice writes (a skipped slice, a corrupt row_order) stay defined.
 template <typename I, typename V, typename F>
 void for_each_slice(const SparseProblem& p, IndexErrors& err, const F& f) {
   const I* col = static_cast<const I*>(p.col_idx);
@@ -42,7 +43,7 @@ void for_each_slice(const SparseProblem& p, IndexErrors& err, const F& f) {
         err.bad_row_ptr.store(true, std::memory_order_relaxed);
         continue;
       }
-      if (max_index(col + 8 * k0, 8 * (k1 - k0)) > lim) {
+      if (sizeof(I) == 4 && max_index(col + 8 * k0, 8 * (k1 - k0)) > lim) {
         err.bad_col_idx.store(true, std::memory_order_relaxed);
         continue;
       }
@@ -54,17 +55,21 @@ void for_each_slice(const SparseProblem& p, IndexErrors& err, const F& f) {
 template <typename I, typename V>
 void sell_rows(const SparseProblem& p, IndexErrors& err) {
   const int32_t* order = p.row_order;
+  const uint32_t mask = sizeof(I) == 2 ? index16_mask(p.in) : ~0u;
+  Scratch copy(0);
+  int64_t stride;
+  const float* x = rows_for_gather<I>(p, copy, stride);
   for_each_slice<I, V>(p, err, [&](int64_t s, const I* c, const V* v, int64_t n) {
     for (int64_t b = 0; b < p.m; ++b) {
-      const float* xb = p.x + b * p.in;
+      const float* xb = x + b * stride;
       // Two accumulators so that consecutive FMAs do not wait on each other.
       v8f a0 = v8f{}, a1 = v8f{};
       int64_t k = 0;
       for (; k + 2 <= n; k += 2) {
-        a0 += load8_as_float(v + 8 * k) * gather8(xb, c + 8 * k);
-        a1 += load8_as_float(v + 8 * k + 8) * gather8(xb, c + 8 * k + 8);
+        a0 += load8_as_float(v + 8 * k) * gather8(xb, c + 8 * k, mask);
+        a1 += load8_as_float(v + 8 * k + 8) * gather8(xb, c + 8 * k + 8, mask);
       }
-      if (k < n) a0 += load8_as_float(v + 8 * k) * gather8(xb, c + 8 * k);
+      if (k < n) a0 += load8_as_float(v + 8 * k) * gather8(xb, c + 8 * k, mask);
       const v8f sums = a0 + a1;
       for (int r = 0; r < 8; ++r) {
         const int64_t o = order[8 * s + r];
@@ -87,8 +92,9 @@ void sell_tiles(const SparseProblem& p, IndexErrors& err) {
   constexpr int NV = TB / 8;
   constexpr int LR = 8 / NV > 0 ? 8 / NV : 1;
   const int32_t* order = p.row_order;
+  const uint32_t mask = sizeof(I) == 2 ? index16_mask(p.in) : ~0u;
   const int64_t tiles = (p.m + TB - 1) / TB;
-  Scratch buf(tiles * p.in * TB);
+  Scratch buf((tiles * p.in + (sizeof(I) == 2 ? index16_guard(p.in) : 0)) * TB);
   float* xt = buf.get();
   transpose_tiles(p.x, p.m, p.in, p.in, TB, xt);
   for_each_slice<I, V>(p, err, [&](int64_t s, const I* c, const V* v, int64_t n) {
@@ -102,7 +108,8 @@ void sell_tiles(const SparseProblem& p, IndexErrors& err) {
 #pragma GCC unroll 8
           for (int r = 0; r < LR; ++r) {
             const float wr = to_float(v[8 * k + r0 + r]);
-            const float* xr = xtt + static_cast<int64_t>(static_cast<std::make_unsigned_t<I>>(c[8 * k + r0 + r])) * TB;
+            const uint32_t cr = static_cast<std::make_unsigned_t<I>>(c[8 * k + r0 + r]);
+            const float* xr = xtt + static_cast<int64_t>(sizeof(I) == 2 ? cr & mask : cr) * TB;
 #pragma GCC unroll 8
             for (int q = 0; q < NV; ++q) acc[r][q] += wr * load8(xr + 8 * q);
           }

@@ -440,42 +440,54 @@ def test_malformed_weights_raise(kernels) -> None:
         ops.sell_linear(x, s.slice_ptr, s.row_order[:-1], s.col_idx, s.values, None, 16)
 
 
+def _call_with_columns(layout: str, packed: CsrWeight | SellWeight, col_idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if layout == "csr":
+        return ops.csr_linear(x, packed.row_ptr, col_idx, packed.values, None, packed.shape[0])
+    return ops.sell_linear(x, packed.slice_ptr, packed.row_order, col_idx, packed.values, None, packed.shape[0])
+
+
+@pytest.mark.parametrize("layout", ["csr", "sell"])
 @pytest.mark.parametrize("m", [1, 3, 20])
-def test_csr_indices_written_after_a_call_are_checked_again(kernels, m) -> None:
-    """CSR column indices are checked once per index tensor and version, not on every call:
-    an in-place write through torch (which bumps the version) is caught on the next call."""
-    w = pack_csr(_weight(16, 40, 0.5, seed=7))
+def test_indices_written_after_a_call_are_checked_again(kernels, layout, m) -> None:
+    """CSR and SELL column indices are checked once per index tensor and version, not on every
+    call: an in-place write through torch (which bumps the version) is caught on the next call."""
+    packed = (pack_csr if layout == "csr" else pack_sell)(_weight(16, 40, 0.5, seed=7))
     x = torch.randn(m, 40)
-    col_idx = w.col_idx.clone()
-    want = ops.csr_linear(x, w.row_ptr, col_idx, w.values, None, 16)
-    saved = int(col_idx[5])
-    col_idx[5] = 40
+    col_idx = packed.col_idx.clone()
+    want = _call_with_columns(layout, packed, col_idx, x)
+    entry = (0,) * col_idx.dim()
+    saved = int(col_idx[entry])
+    col_idx[entry] = 40
     with pytest.raises(RuntimeError, match="col_idx"):
-        ops.csr_linear(x, w.row_ptr, col_idx, w.values, None, 16)
-    col_idx[5] = saved
-    torch.testing.assert_close(ops.csr_linear(x, w.row_ptr, col_idx, w.values, None, 16), want, rtol=0, atol=0)
+        _call_with_columns(layout, packed, col_idx, x)
+    col_idx[entry] = saved
+    torch.testing.assert_close(_call_with_columns(layout, packed, col_idx, x), want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("layout", ["csr", "sell"])
+@pytest.mark.parametrize("m", [1, 20])
 @pytest.mark.parametrize("index_dtype", [torch.int16, torch.int32])
-def test_csr_indices_written_behind_torch_stay_inside_the_buffers(kernels, index_dtype) -> None:
+def test_indices_written_behind_torch_stay_inside_the_buffers(kernels, layout, m, index_dtype) -> None:
     """A write that torch does not see (through .data: no version bump) can make a result wrong
-    but never makes the kernel read outside its buffers: with int16 indices the batch kernel
-    masks each index into its padded tile, and with int32 ones it checks them. Rows that do not
-    hold the bad index still match."""
+    but never makes a kernel read outside its buffers: int16 indices are masked into x's padded
+    rows or tiles, and int32 ones are checked on every call. Rows without the bad index still
+    match."""
     dense = _weight(16, 40, 0.5, seed=8)
-    w = pack_csr(dense)
-    x = torch.randn(20, 40)
+    packed = (pack_csr if layout == "csr" else pack_sell)(dense)
+    x = torch.randn(m, 40)
     want = x @ dense.T
-    col_idx = w.col_idx.to(index_dtype)
-    ops.csr_linear(x, w.row_ptr, col_idx, w.values, None, 16)  # checked now, and remembered
-    row = int(torch.searchsorted(w.row_ptr, 1, right=True)) - 1  # the row holding entry 1
-    col_idx.data[1] = -1 if index_dtype == torch.int16 else 1 << 30
-    try:
-        got = ops.csr_linear(x, w.row_ptr, col_idx, w.values, None, 16)
-    except RuntimeError as err:  # int32: checked in the kernel
-        assert index_dtype == torch.int32 and "col_idx" in str(err)
+    col_idx = packed.col_idx.to(index_dtype)
+    _call_with_columns(layout, packed, col_idx, x)  # checked now, and remembered
+    if layout == "csr":  # entry 0 is in the first row that has entries
+        row = int(torch.searchsorted(packed.row_ptr, 0, right=True)) - 1
+    else:  # entry 0 is lane 0 of slice 0
+        row = int(packed.row_order[0])
+    col_idx.data[(0,) * col_idx.dim()] = -1 if index_dtype == torch.int16 else 1 << 30
+    if index_dtype == torch.int32:
+        with pytest.raises(RuntimeError, match="col_idx"):
+            _call_with_columns(layout, packed, col_idx, x)
         return
-    assert index_dtype == torch.int16
+    got = _call_with_columns(layout, packed, col_idx, x)
     others = [r for r in range(16) if r != row]
     torch.testing.assert_close(got[:, others], want[:, others], rtol=1e-5, atol=1e-5)
 
