@@ -5,9 +5,9 @@
 // only implements them with TORCH_LIBRARY_IMPL, because a second TORCH_LIBRARY for one
 // namespace terminates the process (measured, torch 2.13). Argument checks here are the
 // ones that protect memory: shapes, dtypes and index ranges (the kernels check row pointers
-// and column indices as they go, except CSR's column indices, checked here once per index
-// tensor), so a tampered weight file gives an error, never an out-of-bounds read. At the
-// end, the same ops as C entry points for code compiled by AOTInductor.
+// and column indices as they go, except CSR's and SELL's column indices, checked here once
+// per index tensor), so a tampered weight file gives an error, never an out-of-bounds read.
+// At the end, the same ops as C entry points for code compiled by AOTInductor.
 #include "sparse_common.h"
 
 #include <ATen/core/DimVector.h>
@@ -119,12 +119,12 @@ void raise_errors(const char* op, const IndexErrors& err, int64_t col_limit) {
               "); the packed weight does not match in_features of x, or is corrupt");
 }
 
-// The largest column index (read as unsigned) of each index tensor the CSR ops have seen,
-// kept while the tensor's storage lives and its version counter (bumped by every in-place
-// write through torch) stays the same: model weights are read once, not on every call.
-// Inference tensors have no version counter and are read every time. An entry holds a weak
-// reference to the storage, so its address cannot be reused by another storage while the
-// entry exists; entries of freed storages are dropped as new ones come.
+// The largest column index (read as unsigned) of each index tensor the CSR and SELL ops
+// have seen, kept while the tensor's storage lives and its version counter (bumped by every
+// in-place write through torch) stays the same: model weights are read once, not on every
+// call. Inference tensors have no version counter and are read every time. An entry holds a
+// weak reference to the storage, so its address cannot be reused by another storage while
+// the entry exists; entries of freed storages are dropped as new ones come.
 class LargestIndexCache {
  public:
   uint32_t largest(const at::Tensor& col_idx) {

@@ -10,8 +10,8 @@
 // Kernel files include no torch header: the torch headers cost ~10 s of compile time per
 // file, and the kernels only need raw pointers.
 #include <algorithm>
-#include <bit>
 #include <atomic>
+#include <bit>
 #include <cstdint>
 #include <cstdlib>
 #include <cmath>
