@@ -321,7 +321,10 @@ def load_cpp(path: str | Path, *, trust_native_code: bool = False) -> CppExecuta
     from graphopt.safe_load import load_exported_program
 
     load_extension()
-    exported = load_exported_program(path)
+    # Not inference tensors, even when called under inference_mode: the kernels check a
+    # weight's column indices once per tensor version, and inference tensors have none.
+    with torch.inference_mode(False):
+        exported = load_exported_program(path)
     package = Path(path).with_name(AOT_PACKAGE_NAME)
     if not package.is_file():
         return CppExecutable(exported)
@@ -359,8 +362,9 @@ class CppBackend(Backend):
                              f"unmeasured 'dense' or 'csr' (got {unmeasured!r})")
         timing = KernelTable.load(Path(table)) if table else KernelTable.shipped()
         module = copy.deepcopy(program.ir).eval()
-        layers = lower_sparse_linears(module, program.annotations, timing, rows=rows, int8=int8, margin=margin,
-                                      unmeasured=unmeasured)
+        with torch.inference_mode(False):  # packed weights with version counters: see load_cpp
+            layers = lower_sparse_linears(module, program.annotations, timing, rows=rows, int8=int8,
+                                          margin=margin, unmeasured=unmeasured)
         counts = collections.Counter(
             "dense" if r["format"] == "dense" else f"{r['format']}{'' if not r['block'] else ' %dx%d' % tuple(r['block'])}"
             f"{' int8' if r['int8'] else ''}" for r in layers.values())
