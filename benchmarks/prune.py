@@ -32,10 +32,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,42 +43,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from graphopt.bench import interleaved_ms
+
 TABLE = Path(__file__).resolve().parents[1] / "graphopt" / "data" / "sparse_kernel_times.json"
 SHAPES = ((384, 384), (1536, 384), (384, 1536))
 ROWS = (1, 16, 128)
 DENSITIES = (0.05, 0.1, 0.2, 0.3, 0.5)
 BLOCKS = ((1, 4), (1, 8), (4, 4), (16, 1))
-
-
-def _interleaved_ms(fns: dict, rounds: int, target_s: float = 0.001) -> dict:
-    """Median ms per call of each function, sampled round by round (each sample ~``target_s``),
-    the order of the functions rotated from one round to the next.
-
-    The clock is the calling thread's CPU time (``time.thread_time``): on this shared machine
-    (load ~10 on 2 cores) most wall-clock samples include preemption, CPU time does not. It is
-    only right for work done on the calling thread, hence one thread (``--threads 1``).
-    """
-    clock = time.thread_time
-    repeat = {}
-    for key, fn in fns.items():
-        for _ in range(3):
-            fn()
-        start = clock()
-        for _ in range(3):
-            fn()
-        repeat[key] = max(1, int(target_s / max((clock() - start) / 3, 1e-7)))
-    times: dict = {key: [] for key in fns}
-    keys = list(fns)
-    for r in range(rounds):
-        # Rotated each round: a runner called right after one that streams a large model
-        # meets colder caches (measured: 3-6% slower than the same runner one position later).
-        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
-            fn = fns[key]
-            start = clock()
-            for _ in range(repeat[key]):
-                fn()
-            times[key].append((clock() - start) / repeat[key])
-    return {key: statistics.median(v) * 1e3 for key, v in times.items()}
 
 
 def _weight(out: int, inp: int, block: tuple[int, int], density: float, gen: torch.Generator) -> torch.Tensor:
@@ -117,7 +86,7 @@ def table(args: argparse.Namespace) -> dict:
             for key, p in packed.items():
                 fns[key] = lambda x=x, p=p: sparse_linear(x, p, bias)
             with torch.inference_mode():
-                ms = _interleaved_ms(fns, args.rounds)
+                ms = interleaved_ms(fns, args.rounds)
             for (fmt, block, dtype, density), value in ms.items():
                 entries.append({"out": out, "in": inp, "rows": rows, "format": fmt,
                                 "block": list(block) if block else None, "dtype": dtype, "density": density,
@@ -300,7 +269,7 @@ class _Lowering:
         row["latency_ms"] = {}
         for batch, inputs in self.batches.items():
             with torch.inference_mode():
-                ms = _interleaved_ms({k: (lambda f=f: f(inputs)) for k, f in runners.items()}, args.rounds)
+                ms = interleaved_ms({k: (lambda f=f: f(inputs)) for k, f in runners.items()}, args.rounds)
             row["latency_ms"][batch] = {k: round(v, 3) for k, v in ms.items()}
 
 

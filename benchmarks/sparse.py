@@ -1,7 +1,8 @@
 """Sparse x dense linear layers on CPU: graphopt's C++ kernels against dense and sparse peers.
 
 Measures y = x @ W.T + b for Transformer-sized W, in one process, with
-``torch.set_num_threads(--threads)`` (2 by default), medians over repeated runs after warm-up:
+``torch.set_num_threads(--threads)`` (2 by default): per case, every contender is timed side
+by side in 15 rounds (``graphopt.bench.interleaved_ms``), medians after warm-up:
 
 * ours: the faster of ``graphopt::csr_linear`` and ``sell_linear`` (fp32) on unstructured
   patterns, ``bsr_linear`` on block-sparse ones (column ``fmt``), and the same layout with int8
@@ -40,6 +41,8 @@ import torch.nn.functional as F
 from graphopt.backends.cpp import build
 from graphopt.backends.cpp.ops import BsrWeight, CsrWeight, SellWeight, pack_weight, sparse_linear
 from torch.utils import mkldnn as mkldnn_utils
+
+from graphopt.bench import interleaved_ms
 
 try:
     import scipy.sparse as scipy_sparse
@@ -130,34 +133,40 @@ def run_case(
         lin.bias.copy_(b)
     lin.eval()
     onednn = mkldnn_utils.to_mkldnn(lin)
-    t_mkl = timeit(lambda: F.linear(x, w, b), budget)
-    t_onednn = timeit(lambda: onednn(x), budget)
     csr = w.to_sparse_csr()
     bcol = b[:, None]
     xt = x.t()
-    t_torch_csr = timeit(lambda: torch.addmm(bcol, csr, xt), budget)
-    t_scipy = float("nan")
+    fns = {"mkl": lambda: F.linear(x, w, b), "onednn": lambda: onednn(x),
+           "torch_csr": lambda: torch.addmm(bcol, csr, xt)}
     if scipy_sparse is not None:
         wsp = scipy_sparse.csr_matrix(w.numpy())
         xn = x.numpy().T.copy()
         bn = b.numpy()[:, None]
-        t_scipy = timeit(lambda: wsp @ xn + bn, budget)
-    # Ours: the faster of our layouts for the pattern (CSR or SELL-8 for unstructured).
+        fns["scipy"] = lambda: wsp @ xn + bn
+    # Ours: the faster of our layouts for the pattern (CSR or SELL-8 for unstructured), fp32
+    # and int8 values, all timed side by side with the peers.
     if case.pattern == "unstructured":
         layouts: list[tuple[str, tuple[int, int] | None]] = [("csr", None), ("sell", None)]
     else:
         layouts = [("bsr", tuple(int(v) for v in case.pattern.split("x")))]  # type: ignore[list-item]
-    timed = {}
+    packs = {}
     for layout, block in layouts:
-        packed = pack_weight(w, layout, block)
-        ref = F.linear(x, packed.to_dense(), b)
-        y = sparse_linear(x, packed, b)
-        assert torch.allclose(y, ref, rtol=1e-4, atol=1e-4), f"{layout} kernel disagrees with dense reference"
-        timed[layout] = (timeit(lambda packed=packed: sparse_linear(x, packed, b), budget), packed, block)
-    layout = min(timed, key=lambda k: timed[k][0])
-    t_ours, ours, block = timed[layout]
-    ours8 = pack_weight(w, layout, block, torch.int8)
-    t_ours8 = timeit(lambda: sparse_linear(x, ours8, b), budget)
+        for dtype in (torch.float32, torch.int8):
+            packed = pack_weight(w, layout, block, dtype)
+            if dtype == torch.float32:
+                ref = F.linear(x, packed.to_dense(), b)
+                y = sparse_linear(x, packed, b)
+                assert torch.allclose(y, ref, rtol=1e-4, atol=1e-4), f"{layout} kernel disagrees with dense reference"
+            packs[(layout, dtype)] = packed
+            fns[(layout, dtype)] = lambda packed=packed: sparse_linear(x, packed, b)
+    rounds = 5 if budget < 0.2 else 15
+    ms = interleaved_ms(fns, rounds, target_s=budget / rounds, clock=CLOCK)
+    t = {key: v / 1e3 for key, v in ms.items()}
+    t_mkl, t_onednn, t_torch_csr = t["mkl"], t["onednn"], t["torch_csr"]
+    t_scipy = t.get("scipy", float("nan"))
+    layout = min((t[(lay, torch.float32)], lay) for lay, _ in layouts)[1]
+    t_ours, ours = t[(layout, torch.float32)], packs[(layout, torch.float32)]
+    t_ours8 = t[(layout, torch.int8)]
     nbytes = kernel_bytes(ours, case.batch)
     level = "L2" if nbytes <= 512 * 1024 else ("L3" if nbytes <= 24 * 2**20 else "DRAM")
     dense_best = min(t_mkl, t_onednn)

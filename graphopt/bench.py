@@ -102,6 +102,39 @@ def time_runs(run: Callable[[], Any], *, warmup: int, rounds: int) -> Timing:
     return Timing.of(seconds)
 
 
+def interleaved_ms(fns: Mapping[Any, Callable[[], Any]], rounds: int, *, target_s: float = 0.001,
+                   clock: Callable[[], float] = time.thread_time) -> dict[Any, float]:
+    """Median ms per call of each function, sampled round by round (each sample ~``target_s``),
+    the order of the functions rotated from one round to the next.
+
+    Side by side rather than one function after another: on a shared machine the speed of
+    everything drifts over minutes, and a ratio of two medians taken minutes apart measures the
+    drift. The default clock is the calling thread's CPU time (``time.thread_time``): most
+    wall-clock samples on a loaded machine include preemption, CPU time does not. It is only
+    right for work done on the calling thread; pass ``time.perf_counter`` for threaded work.
+    """
+    repeat = {}
+    for key, fn in fns.items():
+        for _ in range(3):
+            fn()
+        start = clock()
+        for _ in range(3):
+            fn()
+        repeat[key] = max(1, int(target_s / max((clock() - start) / 3, 1e-7)))
+    times: dict[Any, list[float]] = {key: [] for key in fns}
+    keys = list(fns)
+    for r in range(rounds):
+        # Rotated each round: a function called right after one that streams a large model
+        # meets colder caches (measured: 3-6% slower than the same function one position later).
+        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+            fn = fns[key]
+            start = clock()
+            for _ in range(repeat[key]):
+                fn()
+            times[key].append((clock() - start) / repeat[key])
+    return {key: float(np.median(v)) * 1e3 for key, v in times.items()}
+
+
 def machine_info() -> dict[str, Any]:
     """The machine a figure was measured on: CPU model, cores, load average."""
     model = platform.processor() or platform.machine()
