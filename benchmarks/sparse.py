@@ -2,7 +2,7 @@
 
 Measures y = x @ W.T + b for Transformer-sized W, in one process, with
 ``torch.set_num_threads(--threads)`` (2 by default): per case, every contender is timed side
-by side in 15 rounds (``graphopt.bench.interleaved_ms``), medians after warm-up:
+by side in 15 rounds (5 with --quick; ``graphopt.bench.interleaved_ms``), medians after warm-up:
 
 * ours: the faster of ``graphopt::csr_linear`` and ``sell_linear`` (fp32) on unstructured
   patterns, ``bsr_linear`` on block-sparse ones (column ``fmt``), and the same layout with int8
