@@ -196,6 +196,7 @@ def test_sell_is_chosen_where_it_measured_fastest(pruned: Program, tmp_path) -> 
     """A table in which SELL-8 beats CSR and dense at batch 1: every measured pruned layer gets
     it, the exported program calls ``sell_linear``, and the outputs (also after a save and
     load) match the pruned module."""
+    import torch
     from graphopt.backends.cpp.backend import load_cpp
 
     table = _timing_table(tmp_path / "times.json", 1,
@@ -206,8 +207,6 @@ def test_sell_is_chosen_where_it_measured_fastest(pruned: Program, tmp_path) -> 
     assert "graphopt.sell_linear.default" in targets
     want = pruned.run()[0]
     np.testing.assert_allclose(executable(**pruned.example_inputs)[0], want, rtol=0, atol=1e-5)
-    import torch
-
     with torch.inference_mode():  # column indices still get version counters (checked once)
         loaded = load_cpp(executable.save(tmp_path / "out"))
         again = graphopt.compile(pruned, backend="cpp", table=table, rows=1, aot=False)
