@@ -20,48 +20,9 @@ namespace {
 
 using namespace detail;
 
-// The nonzeros [start, start + len) of row o, or an empty row (and a recorded error) when
-// the row pointer or any of the row's column indices is out of range.
-template <typename I>
-inline void checked_row(const SparseProblem& p, const I* col, int64_t o, uint32_t lim,
-                        IndexErrors& err, int64_t& start, int64_t& len) {
-  const int64_t s = p.row_ptr[o], e = p.row_ptr[o + 1];
-  start = len = 0;
-  if (s < 0 || s > e || e > p.nnz) {
-    err.bad_row_ptr.store(true, std::memory_order_relaxed);
-  } else if (max_index(col + s, e - s) > lim) {
-    err.bad_col_idx.store(true, std::memory_order_relaxed);
-  } else {
-    start = s;
-    len = e - s;
-  }
-}
-
-// checked_row for rows o0 .. o0 + nr - 1 (nr <= 8; the rest get empty rows). Valid data,
-// the common case, is checked with one index pass over the block's nonzeros: per row, the
-// pass's scalar tail and call cost ~8% of a 15-row product at 90% sparsity (measured).
-template <typename I>
-inline void checked_rows8(const SparseProblem& p, const I* col, int64_t o0, int nr, uint32_t lim,
-                          IndexErrors& err, int64_t start[8], int64_t len[8]) {
-  const int32_t* rp = p.row_ptr + o0;
-  bool ordered = rp[0] >= 0 && rp[nr] <= p.nnz;
-  for (int r = 0; r < nr; ++r) ordered = ordered && rp[r] <= rp[r + 1];
-  if (ordered && max_index(col + rp[0], rp[nr] - rp[0]) <= lim) {
-    for (int r = 0; r < 8; ++r) {
-      start[r] = r < nr ? rp[r] : 0;
-      len[r] = r < nr ? rp[r + 1] - rp[r] : 0;
-    }
-    return;
-  }
-  for (int r = 0; r < 8; ++r) {
-    start[r] = len[r] = 0;
-    if (r < nr) checked_row(p, col, o0 + r, lim, err, start[r], len[r]);
-  }
-}
-
 // The nonzeros of rows o0 .. o0 + nr - 1 (nr <= 8; the rest get empty rows) from the row
-// pointer alone, for kernels whose caller has checked the column indices (see csr_tiles):
-// eight pointers are checked with two vector loads and one compare.
+// pointer, checked: eight pointers with two vector loads and one compare. A row whose
+// pointers are out of order or out of range is recorded and left empty.
 inline void checked_row_ptrs8(const SparseProblem& p, int64_t o0, int nr, IndexErrors& err,
                               int64_t start[8], int64_t len[8]) {
   const int32_t* rp = p.row_ptr + o0;
@@ -127,12 +88,20 @@ inline v8f dot_row(const I* col, const V* val, int64_t n, const float* x, uint32
   return r;
 }
 
-// The row pointers (and int32 column indices) of rows o0 .. o0 + nr - 1, checked.
+// checked_row_ptrs8, and with int32 indices also each row's column indices (a row with one
+// outside [0, in) is recorded and left empty); int16 ones are masked (see index16_mask).
 template <typename I>
 inline void checked_group(const SparseProblem& p, const I* col, int64_t o0, int nr, IndexErrors& err,
                           int64_t start[8], int64_t len[8]) {
-  if constexpr (sizeof(I) == 2) checked_row_ptrs8(p, o0, nr, err, start, len);
-  else checked_rows8(p, col, o0, nr, static_cast<uint32_t>(p.in - 1), err, start, len);
+  checked_row_ptrs8(p, o0, nr, err, start, len);
+  if constexpr (sizeof(I) == 4) {
+    for (int r = 0; r < nr; ++r) {
+      if (max_index(col + start[r], len[r]) > static_cast<uint32_t>(p.in - 1)) {
+        err.bad_col_idx.store(true, std::memory_order_relaxed);
+        len[r] = 0;
+      }
+    }
+  }
 }
 
 template <typename I, typename V>
