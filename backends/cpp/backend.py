@@ -362,9 +362,8 @@ class CppBackend(Backend):
                              f"unmeasured 'dense' or 'csr' (got {unmeasured!r})")
         timing = KernelTable.load(Path(table)) if table else KernelTable.shipped()
         module = copy.deepcopy(program.ir).eval()
-        with torch.inference_mode(False):  # packed weights with version counters: see load_cpp
-            layers = lower_sparse_linears(module, program.annotations, timing, rows=rows, int8=int8,
-                                          margin=margin, unmeasured=unmeasured)
+        layers = lower_sparse_linears(module, program.annotations, timing, rows=rows, int8=int8,
+                                      margin=margin, unmeasured=unmeasured)
         counts = collections.Counter(
             "dense" if r["format"] == "dense" else f"{r['format']}{'' if not r['block'] else ' %dx%d' % tuple(r['block'])}"
             f"{' int8' if r['int8'] else ''}" for r in layers.values())

@@ -28,6 +28,9 @@ Layouts (W is ``[out_features, in_features]``; ``y = x @ W.T + b``):
   keeps the padding small (a few % at 90% unstructured, against ~20% unsorted).
 * Column indices are int16 when the index range fits (``in_features <= 32767`` for CSR,
   ``ceil(in/C) <= 32767`` for BSR), else int32: at fp32 they are a third of the bytes read.
+* Packed tensors are never inference tensors, even when packed under ``torch.inference_mode``:
+  the ops check a weight's column indices once per tensor version (``ops.cpp``), and
+  inference tensors have no version counter, so theirs would be read on every call.
 * int8 values are symmetric per output row: ``scale[o] = max|W[o, :]| / 127``,
   ``q = clamp(round(W / scale), -127, 127)``; ``scales`` float32 ``[out]`` (1.0 for an
   all-zero row). The stored pattern is the nonzero pattern of the fp32 weight, even where a
@@ -223,6 +226,7 @@ def _quantize_rows(w: Tensor, scales: Tensor) -> Tensor:
     return torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
 
 
+@torch.inference_mode(False)
 def pack_csr(weight: Tensor, dtype: torch.dtype = torch.float32, *, row_multiple: int = 8) -> CsrWeight:
     """Packs a dense weight ``[out, in]`` into CSR, keeping its nonzero entries.
 
@@ -266,6 +270,7 @@ def pack_csr(weight: Tensor, dtype: torch.dtype = torch.float32, *, row_multiple
     return CsrWeight(row_ptr, col_idx.to(_index_dtype(inp)), values, scales, (out, inp))
 
 
+@torch.inference_mode(False)
 def pack_bsr(
     weight: Tensor, block: tuple[int, int], dtype: torch.dtype = torch.float32
 ) -> BsrWeight:
@@ -307,6 +312,7 @@ def pack_bsr(
     return BsrWeight(row_ptr, bcol.to(_index_dtype(n_bc)), values, scales, (out, inp))
 
 
+@torch.inference_mode(False)
 def pack_sell(weight: Tensor, dtype: torch.dtype = torch.float32) -> SellWeight:
     """Packs a dense weight ``[out, in]`` into SELL-8, keeping its nonzero entries.
 

@@ -9,6 +9,7 @@ built once per session (cached across sessions in the user's cache).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -29,6 +30,7 @@ from graphopt.backends.cpp.ops import (
     pack_bsr,
     pack_csr,
     pack_sell,
+    pack_weight,
     sparse_linear,
 )
 from hypothesis import HealthCheck, given, settings
@@ -274,6 +276,16 @@ def test_packing_round_trips() -> None:
         pack_csr(w, row_multiple=0)
     with pytest.raises(ValueError, match="block shape"):
         pack_bsr(w, (0, 4))
+
+
+def test_packing_under_inference_mode_gives_tensors_with_versions() -> None:
+    """The ops check column indices once per tensor version; inference tensors have none."""
+    w = _weight(16, 40, 0.5, seed=3)
+    with torch.inference_mode():
+        packs = [pack_csr(w), pack_sell(w, torch.int8), pack_bsr(w, (1, 4)), pack_weight(w * 2, "csr")]
+    for packed in packs:
+        tensors = [t for f in dataclasses.fields(packed) if isinstance(t := getattr(packed, f.name), torch.Tensor)]
+        assert len(tensors) >= 3 and not any(t.is_inference() for t in tensors)
 
 
 @pytest.mark.parametrize("row_multiple", [1, 4, 8])
