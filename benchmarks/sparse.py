@@ -104,6 +104,27 @@ def make_weight(
     return w * mask
 
 
+def thread_scaling(threads: int, budget: float) -> float:
+    """Speed-up of a compute-bound GEMM (512 x 512 x 512, MKL) at ``threads`` over one thread.
+
+    Says what the machine's CPUs are at this moment: a virtual machine's vCPUs can be separate
+    cores (close to ``threads``) or share one physical core (close to 1; measured both on the
+    2-vCPU development VM within minutes). Multi-threaded figures below mean that many cores
+    only in the first case.
+    """
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+
+    def at(n: int) -> Callable[[], object]:
+        def run() -> object:
+            torch.set_num_threads(n)
+            return torch.mm(a, b)
+        return run
+
+    ms = interleaved_ms({1: at(1), threads: at(threads)}, 9, target_s=budget / 9, clock=time.perf_counter)
+    torch.set_num_threads(threads)
+    return ms[1] / ms[threads]
+
+
 def call_floor(budget: float) -> tuple[float, float]:
     """Seconds per call of our op and of ``F.linear`` on an 8x8 identity weight at batch 1.
 
@@ -230,10 +251,14 @@ def main(argv: list[str] | None = None) -> None:
             "DRAM": copy_bandwidth(512 * 2**20, max(budget, 1.0)),
         }
         floor_ours, floor_dense = call_floor(budget)
+        scaling = thread_scaling(args.threads, budget) if args.threads > 1 else 1.0
     levels = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in bw.items())
     print(f"# copy bandwidth, (read + write) GB/s: {levels}")
     print(f"# call cost, in every time below (an 8x8 weight, batch 1): our op {floor_ours * 1e6:.1f} us, "
           f"F.linear {floor_dense * 1e6:.1f} us")
+    if args.threads > 1:
+        print(f"# {args.threads} threads vs 1 on a compute-bound GEMM: {scaling:.2f}x "
+              f"({'separate cores' if scaling > 1 + 0.5 * (args.threads - 1) else 'the CPUs share cores now'})")
     print("# speed-up = t_theirs / t_ours (> 1: ours faster); bw = bytes our kernel reads / time;")
     print("# frac = bw over the copy bandwidth of the level the data fits in. Times: medians.")
     print(HEADER)
