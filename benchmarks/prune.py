@@ -2,9 +2,9 @@
 
 ``table``: for each of MiniLM's Linear shapes (out×in 384×384, 1536×384, 384×1536) and rows
 (batch × sequence: 1, 16, 128), the time of dense ``F.linear`` (fp32) and of graphopt's
-``csr_linear`` / ``sell_linear`` / ``bsr_linear`` (blocks 1×4, 1×8, 4×4, 16×1), fp32 and int8 values, at
-densities 0.05 … 0.5 (the fraction of nonzero entries, of nonzero blocks for BSR; CSR and SELL store some
-zeros beside them as padding). All candidates of one shape and
+``csr_linear`` / ``sell_linear`` / ``sellp_linear`` / ``bsr_linear`` (blocks 1×4, 1×8, 4×4, 16×1), fp32 and
+int8 values, at densities 0.05 … 0.5 (the fraction of nonzero entries, of nonzero blocks for BSR; CSR, SELL
+and SELL-P store some zeros beside them as padding). All candidates of one shape and
 rows are timed *interleaved*, round by round, so the load of a shared machine falls on all
 alike; figures are medians over rounds of samples that last about 1 ms. ``--write`` writes the
 table ``graphopt.sparsity.KernelTable`` reads (``graphopt/data/sparse_kernel_times.json``).
@@ -75,7 +75,7 @@ def table(args: argparse.Namespace) -> dict:
         for density in DENSITIES:
             for block in ((1, 1), *BLOCKS):
                 w = _weight(out, inp, block, density, gen)
-                layouts = (("csr", None), ("sell", None)) if block == (1, 1) else (("bsr", block),)
+                layouts = (("csr", None), ("sell", None), ("sellp", None)) if block == (1, 1) else (("bsr", block),)
                 for dtype in (torch.float32, torch.int8):
                     for fmt, blk in layouts:
                         dname = "int8" if dtype == torch.int8 else "fp32"
@@ -96,8 +96,9 @@ def table(args: argparse.Namespace) -> dict:
                   f"sparse {best[1]} {best[0]:.4f} ms", flush=True)
     result = {"schema": 1,
               "what": "ms of y = x @ W.T + b: dense F.linear (fp32) and graphopt's csr_linear / sell_linear / "
-                      "bsr_linear (fp32 and int8 values), out×in, rows = batch × sequence, density = nonzero "
-                      "fraction (of entries for CSR and SELL, whose padding is not counted; of blocks for BSR)",
+                      "sellp_linear / bsr_linear (fp32 and int8 values), out×in, rows = batch × sequence, density = "
+                      "nonzero fraction (of entries for CSR, SELL and SELL-P, whose padding is not counted; of "
+                      "blocks for BSR)",
               "command": "python benchmarks/prune.py table --write",
               "settings": {"threads": args.threads, "rounds": args.rounds,
                            "statistic": f"median of {args.rounds} interleaved rounds of ~1 ms samples of the "

@@ -4,8 +4,8 @@ Measures y = x @ W.T + b for Transformer-sized W, in one process, with
 ``torch.set_num_threads(--threads)`` (2 by default): per case, every contender is timed side
 by side in 15 rounds (5 with --quick; ``graphopt.bench.interleaved_ms``), medians after warm-up:
 
-* ours: the faster of ``graphopt::csr_linear`` and ``sell_linear`` (fp32) on unstructured
-  patterns, ``bsr_linear`` on block-sparse ones (column ``fmt``), and the same layout with int8
+* ours: the fastest of ``graphopt::csr_linear``, ``sell_linear`` and ``sellp_linear`` (fp32) on
+  unstructured patterns, ``bsr_linear`` on block-sparse ones (column ``fmt``), and the same layout with int8
   values and per-row scales;
 * best dense: the faster of ``F.linear`` (MKL) and a ``torch.utils.mkldnn`` Linear (oneDNN),
   both on the dense weight that has the zeros in it;
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from graphopt.backends.cpp import build
-from graphopt.backends.cpp.ops import BsrWeight, CsrWeight, SellWeight, pack_weight, sparse_linear
+from graphopt.backends.cpp.ops import BsrWeight, CsrWeight, SellpWeight, SellWeight, pack_weight, sparse_linear
 from torch.utils import mkldnn as mkldnn_utils
 
 from graphopt.bench import interleaved_ms
@@ -139,7 +139,7 @@ def call_floor(budget: float) -> tuple[float, float]:
     return ms["ours"] / 1e3, ms["dense"] / 1e3
 
 
-def kernel_bytes(packed: CsrWeight | BsrWeight | SellWeight, batch: int) -> int:
+def kernel_bytes(packed: CsrWeight | BsrWeight | SellWeight | SellpWeight, batch: int) -> int:
     n = packed.nbytes - (packed.scales.numel() * 4 if packed.scales is not None else 0)
     return n + batch * packed.shape[1] * 4
 
@@ -166,10 +166,10 @@ def run_case(
         xn = x.numpy().T.copy()
         bn = b.numpy()[:, None]
         fns["scipy"] = lambda: wsp @ xn + bn
-    # Ours: the faster of our layouts for the pattern (CSR or SELL-8 for unstructured), fp32
-    # and int8 values, all timed side by side with the peers.
+    # Ours: the fastest of our layouts for the pattern (CSR, SELL-8 or SELL-P for unstructured),
+    # fp32 and int8 values, all timed side by side with the peers.
     if case.pattern == "unstructured":
-        layouts: list[tuple[str, tuple[int, int] | None]] = [("csr", None), ("sell", None)]
+        layouts: list[tuple[str, tuple[int, int] | None]] = [("csr", None), ("sell", None), ("sellp", None)]
     else:
         layouts = [("bsr", tuple(int(v) for v in case.pattern.split("x")))]  # type: ignore[list-item]
     packs = {}
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
 
 HEADER = (
     f"{'shape':>10} {'pattern':>12} {'sp%':>4} {'batch':>5} | {'dense us':>9} {'by':>6} | "
-    f"{'ours us':>9} {'fmt':>4} {'xDense':>6} {'xTorchCSR':>9} {'xScipy':>6} | "
+    f"{'ours us':>9} {'fmt':>5} {'xDense':>6} {'xTorchCSR':>9} {'xScipy':>6} | "
     f"{'int8 us':>9} {'xDense':>6} | {'GB/s':>6} {'lvl':>4} {'frac':>5}"
 )
 
@@ -285,7 +285,7 @@ def format_row(case: Case, r: dict[str, object]) -> str:
     return (
         f"{case.out:>4}x{case.inp:<5} {case.pattern:>12} {case.sparsity * 100:>4.0f} "
         f"{case.batch:>5} | {us['t_dense']:>9.1f} {r['dense_by']:>6} | "
-        f"{us['t_ours']:>9.1f} {r['layout']:>4} {r['vs_dense']:>6.2f} {r['vs_torch_csr']:>9.2f} "
+        f"{us['t_ours']:>9.1f} {r['layout']:>5} {r['vs_dense']:>6.2f} {r['vs_torch_csr']:>9.2f} "
         f"{r['vs_scipy']:>6.2f} | {us['t_ours8']:>9.1f} {r['vs_dense8']:>6.2f} | "
         f"{r['gbps']:>6.1f} {r['level']:>4} {r['bw_frac']:>5.2f}"
     )

@@ -467,9 +467,10 @@ class PruningHook:
 
 @dataclasses.dataclass(frozen=True)
 class KernelChoice:
-    """How one Linear is lowered: ``format`` ``"dense"``, ``"csr"``, ``"sell"`` or ``"bsr"`` (with ``block``)."""
+    """How one Linear is lowered: ``format`` ``"dense"``, ``"csr"``, ``"sell"``, ``"sellp"`` or ``"bsr"``
+    (with ``block``)."""
 
-    format: Literal["dense", "csr", "sell", "bsr"]
+    format: Literal["dense", "csr", "sell", "sellp", "bsr"]
     block: tuple[int, int] | None
     int8: bool
     reason: str
@@ -484,7 +485,7 @@ class KernelTable:
     """Measured ms of the cpp sparse kernels and of dense ``F.linear``, by shape, rows and density.
 
     ``entries``: ``{out, in, rows, format, block, dtype, density, ms}`` rows; ``format`` is
-    ``"dense"`` (``dtype`` fp32, ``density`` 1), ``"csr"``, ``"sell"`` or ``"bsr"``, ``dtype`` ``"fp32"``
+    ``"dense"`` (``dtype`` fp32, ``density`` 1), ``"csr"``, ``"sell"``, ``"sellp"`` or ``"bsr"``, ``dtype`` ``"fp32"``
     or ``"int8"``, ``density`` the fraction of entries (CSR) or blocks (BSR) stored. A query
     reads the measured ``rows`` nearest in log scale and interpolates ms linearly in density;
     a density below the least measured reads that one's time (an over-estimate), above the

@@ -60,7 +60,7 @@ from graphopt.program import Program, flatten_outputs
 from graphopt.sparsity import SPARSITY_KEY, KernelChoice, KernelTable
 
 from .build import load_extension
-from .ops import BsrWeight, CsrWeight, SellWeight, c_shim_declarations, pack_weight
+from .ops import BsrWeight, CsrWeight, SellpWeight, SellWeight, c_shim_declarations, pack_weight
 
 __all__ = ["AOT_PACKAGE_NAME", "CppBackend", "CppExecutable", "SparseLinear", "compile_ahead_of_time", "load_cpp",
            "lower_attention", "lower_gelu", "lower_sparse_linears"]
@@ -69,7 +69,7 @@ logger = logging.getLogger(__name__)
 
 
 class SparseLinear(nn.Module):
-    """``y = x @ W.T + b`` with ``W`` packed for ``graphopt::{csr,bsr,sell}_linear[_int8]``.
+    """``y = x @ W.T + b`` with ``W`` packed for ``graphopt::{csr,bsr,sell,sellp}_linear[_int8]``.
 
     The packed tensors are buffers, so ``torch.export`` saves them with the program.
     """
@@ -79,12 +79,13 @@ class SparseLinear(nn.Module):
         "csr": ("row_ptr", "col_idx", "values"),
         "bsr": ("row_ptr", "col_idx", "values"),
         "sell": ("slice_ptr", "row_order", "col_idx", "values"),
+        "sellp": ("slice_ptr", "layer_block", "layer_lanes", "values"),
     }
 
-    def __init__(self, packed: CsrWeight | BsrWeight | SellWeight, bias: torch.Tensor | None) -> None:
+    def __init__(self, packed: CsrWeight | BsrWeight | SellWeight | SellpWeight, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = packed.shape
-        self.layout = {CsrWeight: "csr", BsrWeight: "bsr", SellWeight: "sell"}[type(packed)]
+        self.layout = {CsrWeight: "csr", BsrWeight: "bsr", SellWeight: "sell", SellpWeight: "sellp"}[type(packed)]
         self.int8 = packed.scales is not None
         for field in self.FIELDS[self.layout]:
             self.register_buffer(field, getattr(packed, field))

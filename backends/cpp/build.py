@@ -55,7 +55,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).resolve().parent
-_SOURCES = ("ops.cpp", "sparse_csr.cpp", "sparse_bsr.cpp", "sparse_sell.cpp", "attention.cpp", "gelu.cpp")
+_SOURCES = ("ops.cpp", "sparse_csr.cpp", "sparse_bsr.cpp", "sparse_sell.cpp", "sparse_sellp.cpp", "attention.cpp", "gelu.cpp")
 _HEADERS = ("sparse_common.h",)
 _LIB_NAME = "graphopt_cpp"
 # Bumped when this file changes how a build folder is laid out.

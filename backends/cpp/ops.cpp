@@ -1,11 +1,11 @@
-// CPU implementations of the graphopt::{csr,bsr,sell}_linear{,_int8} ops, graphopt::attention
+// CPU implementations of the graphopt::{csr,bsr,sell,sellp}_linear{,_int8} ops, graphopt::attention
 // and graphopt::gelu.
 //
 // The schemas live in backends/cpp/ops.py (torch.library, namespace "graphopt"); this file
 // only implements them with TORCH_LIBRARY_IMPL, because a second TORCH_LIBRARY for one
 // namespace terminates the process (measured, torch 2.13). Argument checks here are the
 // ones that protect memory: shapes, dtypes and index ranges (the kernels check row pointers
-// and column indices as they go, except CSR's and SELL's column indices, checked here once
+// and column indices as they go, except CSR's, SELL's and SELL-P's column indices (blocks), checked here once
 // per index tensor), so a tampered weight file gives an error, never an out-of-bounds read.
 // At the end, the same ops as C entry points for code compiled by AOTInductor.
 #include "sparse_common.h"
@@ -119,7 +119,7 @@ void raise_errors(const char* op, const IndexErrors& err, int64_t col_limit) {
               "); the packed weight does not match in_features of x, or is corrupt");
 }
 
-// The largest column index (read as unsigned) of each index tensor the CSR and SELL ops
+// The largest column index (read as unsigned) of each index tensor the CSR, SELL and SELL-P ops
 // have seen, kept while the tensor's storage lives and its version counter (bumped by every
 // in-place write through torch) stays the same: model weights are read once, not on every
 // call. Inference tensors have no version counter and are read every time. An entry holds a
@@ -227,6 +227,46 @@ at::Tensor sell_impl(const char* op, const at::Tensor& x, const at::Tensor& slic
   sell_forward(r.p, err);
   raise_errors(op, err, r.p.in);
   return r.y;
+}
+
+at::Tensor sellp_impl(const char* op, const at::Tensor& x, const at::Tensor& slice_ptr,
+                      const at::Tensor& layer_block, const at::Tensor& layer_lanes, const at::Tensor& values,
+                      const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& bias,
+                      int64_t out_features) {
+  TORCH_CHECK(values.dim() == 2 && values.size(1) == 8, op,
+              ": values must be [layers, 8] (pack with pack_sellp), got shape ", values.sizes());
+  const int64_t layers = values.size(0);
+  TORCH_CHECK(layer_lanes.scalar_type() == at::kByte && layer_lanes.dim() == 2 && layer_lanes.size(0) == layers &&
+                  layer_lanes.size(1) == 8 && layer_lanes.is_contiguous(),
+              op, ": layer_lanes must be a contiguous uint8 tensor of shape [", layers, ", 8]");
+  Prepared r = prepare(op, x, slice_ptr, layer_block, values, scales, bias, out_features, (out_features + 7) / 8,
+                       layers);
+  r.p.lanes = layer_lanes.data_ptr<uint8_t>();
+  if (trivial(r)) return r.y;
+  const int64_t n_blocks = (r.p.in + 7) / 8;
+  check_columns(op, layer_block, n_blocks);
+  IndexErrors err;
+  sellp_forward(r.p, err);
+  raise_errors(op, err, n_blocks);
+  return r.y;
+}
+
+at::Tensor sellp_linear(const at::Tensor& x, const at::Tensor& slice_ptr, const at::Tensor& layer_block,
+                        const at::Tensor& layer_lanes, const at::Tensor& values,
+                        const std::optional<at::Tensor>& bias, int64_t out_features) {
+  const char* op = "graphopt::sellp_linear";
+  TORCH_CHECK(values.scalar_type() == at::kFloat, op, ": values must be float32, got ",
+              values.scalar_type(), "; int8 weights go to graphopt::sellp_linear_int8");
+  return sellp_impl(op, x, slice_ptr, layer_block, layer_lanes, values, std::nullopt, bias, out_features);
+}
+
+at::Tensor sellp_linear_int8(const at::Tensor& x, const at::Tensor& slice_ptr, const at::Tensor& layer_block,
+                             const at::Tensor& layer_lanes, const at::Tensor& values, const at::Tensor& scales,
+                             const std::optional<at::Tensor>& bias, int64_t out_features) {
+  const char* op = "graphopt::sellp_linear_int8";
+  TORCH_CHECK(values.scalar_type() == at::kChar, op, ": values must be int8, got ",
+              values.scalar_type());
+  return sellp_impl(op, x, slice_ptr, layer_block, layer_lanes, values, scales, bias, out_features);
 }
 
 at::Tensor sell_linear(const at::Tensor& x, const at::Tensor& slice_ptr, const at::Tensor& row_order,
@@ -379,6 +419,8 @@ TORCH_LIBRARY_IMPL(graphopt, CPU, m) {
   m.impl("bsr_linear_int8", &graphopt::bsr_linear_int8);
   m.impl("sell_linear", &graphopt::sell_linear);
   m.impl("sell_linear_int8", &graphopt::sell_linear_int8);
+  m.impl("sellp_linear", &graphopt::sellp_linear);
+  m.impl("sellp_linear_int8", &graphopt::sellp_linear_int8);
   m.impl("attention", &graphopt::attention);
   m.impl("gelu", &graphopt::gelu);
 }
@@ -444,6 +486,19 @@ AOTI_TORCH_EXPORT AOTITorchError aoti_torch_cpu_sell_linear_int8(Handle x, Handl
                                                                  Handle* bias, int64_t out_features,
                                                                  Handle* ret0) {
   return call_from_shim(graphopt::sell_linear_int8, ret0, x, slice_ptr, row_order, col_idx, values, scales,
+                        bias, out_features);
+}
+AOTI_TORCH_EXPORT AOTITorchError aoti_torch_cpu_sellp_linear(Handle x, Handle slice_ptr, Handle layer_block,
+                                                             Handle layer_lanes, Handle values, Handle* bias,
+                                                             int64_t out_features, Handle* ret0) {
+  return call_from_shim(graphopt::sellp_linear, ret0, x, slice_ptr, layer_block, layer_lanes, values, bias,
+                        out_features);
+}
+AOTI_TORCH_EXPORT AOTITorchError aoti_torch_cpu_sellp_linear_int8(Handle x, Handle slice_ptr, Handle layer_block,
+                                                                  Handle layer_lanes, Handle values, Handle scales,
+                                                                  Handle* bias, int64_t out_features,
+                                                                  Handle* ret0) {
+  return call_from_shim(graphopt::sellp_linear_int8, ret0, x, slice_ptr, layer_block, layer_lanes, values, scales,
                         bias, out_features);
 }
 AOTI_TORCH_EXPORT AOTITorchError aoti_torch_cpu_attention(Handle q, Handle k, Handle v, Handle* attn_mask,

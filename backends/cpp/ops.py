@@ -11,7 +11,7 @@ The kernels are hand-written (see ``sparse_common.h``): no maintained library do
 weight x dense activation fast on CPU at Transformer shapes. The ``*_linear`` ops compute
 ``y = x @ W.T + b`` for a sparse ``W [out_features, in_features]``, with ``x [..., in]``
 of any leading dims, float32, on the CPU. Weight layouts are described in ``packing.py``;
-pack with :func:`pack_csr` / :func:`pack_bsr` / :func:`pack_sell`.
+pack with :func:`pack_csr` / :func:`pack_bsr` / :func:`pack_sell` / :func:`pack_sellp`.
 
 Schemas::
 
@@ -27,6 +27,10 @@ Schemas::
                           Tensor values, Tensor? bias, int out_features) -> Tensor
     graphopt::sell_linear_int8(Tensor x, Tensor slice_ptr, Tensor row_order, Tensor col_idx,
                                Tensor values, Tensor scales, Tensor? bias, int out_features) -> Tensor
+    graphopt::sellp_linear(Tensor x, Tensor slice_ptr, Tensor layer_block, Tensor layer_lanes,
+                           Tensor values, Tensor? bias, int out_features) -> Tensor
+    graphopt::sellp_linear_int8(Tensor x, Tensor slice_ptr, Tensor layer_block, Tensor layer_lanes,
+                                Tensor values, Tensor scales, Tensor? bias, int out_features) -> Tensor
     graphopt::attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float scale) -> Tensor
     graphopt::gelu(Tensor x) -> Tensor
 
@@ -44,13 +48,24 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .packing import BsrWeight, CsrWeight, SellWeight, pack_bsr, pack_csr, pack_sell, pack_weight
+from .packing import (
+    BsrWeight,
+    CsrWeight,
+    SellpWeight,
+    SellWeight,
+    pack_bsr,
+    pack_csr,
+    pack_sell,
+    pack_sellp,
+    pack_weight,
+)
 
 __all__ = [
     "OP_SCHEMAS",
     "BsrWeight",
     "CsrWeight",
     "SellWeight",
+    "SellpWeight",
     "attention",
     "bsr_linear",
     "bsr_linear_int8",
@@ -61,9 +76,12 @@ __all__ = [
     "pack_bsr",
     "pack_csr",
     "pack_sell",
+    "pack_sellp",
     "pack_weight",
     "sell_linear",
     "sell_linear_int8",
+    "sellp_linear",
+    "sellp_linear_int8",
     "sparse_linear",
 ]
 
@@ -95,6 +113,14 @@ OP_SCHEMAS: dict[str, str] = {
         "sell_linear_int8(Tensor x, Tensor slice_ptr, Tensor row_order, Tensor col_idx, Tensor values, "
         "Tensor scales, Tensor? bias, int out_features) -> Tensor"
     ),
+    "sellp_linear": (
+        "sellp_linear(Tensor x, Tensor slice_ptr, Tensor layer_block, Tensor layer_lanes, Tensor values, "
+        "Tensor? bias, int out_features) -> Tensor"
+    ),
+    "sellp_linear_int8": (
+        "sellp_linear_int8(Tensor x, Tensor slice_ptr, Tensor layer_block, Tensor layer_lanes, Tensor values, "
+        "Tensor scales, Tensor? bias, int out_features) -> Tensor"
+    ),
     "attention": "attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float scale) -> Tensor",
     "gelu": "gelu(Tensor x) -> Tensor",
 }
@@ -106,8 +132,9 @@ for _schema in OP_SCHEMAS.values():
     _LIB.define(_schema, tags=(torch.Tag.pt2_compliant_tag,))
 
 
-#: Dimensions of ``values`` in each layout: CSR [nnz], SELL [entries, 8], BSR [n_blocks, R, C].
-_VALUES_DIM = {"csr": 1, "sell": 2, "bsr": 3}
+#: Dimensions of ``values`` in each layout: CSR [nnz], SELL [entries, 8], SELL-P [layers, 8],
+#: BSR [n_blocks, R, C].
+_VALUES_DIM = {"csr": 1, "sell": 2, "sellp": 2, "bsr": 3}
 
 
 def _make_fake(name: str) -> Callable[..., Tensor]:
@@ -317,6 +344,52 @@ def sell_linear_int8(
     )
 
 
+def sellp_linear(
+    x: Tensor,
+    slice_ptr: Tensor,
+    layer_block: Tensor,
+    layer_lanes: Tensor,
+    values: Tensor,
+    bias: Tensor | None,
+    out_features: int,
+) -> Tensor:
+    """``y = x @ W.T + bias`` with ``W`` in SELL-P form (see :func:`pack_sellp`), float32 values.
+
+    Args:
+        x: float32 ``[..., in_features]``.
+        slice_ptr: int32 ``[ceil(out_features / 8) + 1]``, in layers.
+        layer_block: int16 or int32 ``[layers]``, the 8-column block of ``x`` of each layer.
+        layer_lanes: uint8 ``[layers, 8]``, each lane's column within its layer's block.
+        values: float32 ``[layers, 8]``.
+        bias: float32 ``[out_features]`` or None.
+        out_features: rows of ``W``.
+
+    Returns:
+        float32 ``[..., out_features]``.
+    """
+    _ensure_kernels(x)
+    return torch.ops.graphopt.sellp_linear.default(
+        x, slice_ptr, layer_block, layer_lanes, values, bias, out_features
+    )
+
+
+def sellp_linear_int8(
+    x: Tensor,
+    slice_ptr: Tensor,
+    layer_block: Tensor,
+    layer_lanes: Tensor,
+    values: Tensor,
+    scales: Tensor,
+    bias: Tensor | None,
+    out_features: int,
+) -> Tensor:
+    """Like :func:`sellp_linear` with int8 ``values`` and float32 per-row ``scales [out]``."""
+    _ensure_kernels(x)
+    return torch.ops.graphopt.sellp_linear_int8.default(
+        x, slice_ptr, layer_block, layer_lanes, values, scales, bias, out_features
+    )
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
               scale: float | None = None) -> Tensor:
     """``softmax(q @ k.T * scale + attn_mask) @ v``, as ``F.scaled_dot_product_attention``.
@@ -346,13 +419,14 @@ def gelu(x: Tensor) -> Tensor:
 
 
 def sparse_linear(
-    x: Tensor, weight: CsrWeight | BsrWeight | SellWeight, bias: Tensor | None = None
+    x: Tensor, weight: CsrWeight | BsrWeight | SellWeight | SellpWeight, bias: Tensor | None = None
 ) -> Tensor:
     """``y = x @ W.T + bias`` for a packed weight, choosing the op from its layout and dtype.
 
     Args:
         x: float32 ``[..., in_features]``.
-        weight: the output of :func:`pack_csr`, :func:`pack_bsr` or :func:`pack_sell`.
+        weight: the output of :func:`pack_csr`, :func:`pack_bsr`, :func:`pack_sell` or
+            :func:`pack_sellp`.
         bias: float32 ``[out_features]`` or None.
 
     Returns:
@@ -372,6 +446,11 @@ def sparse_linear(
         if scales is None:
             return ops.sell_linear.default(*sell, bias, out)
         return ops.sell_linear_int8.default(*sell, scales, bias, out)
+    if isinstance(weight, SellpWeight):
+        sellp = (x, weight.slice_ptr, weight.layer_block, weight.layer_lanes, weight.values)
+        if scales is None:
+            return ops.sellp_linear.default(*sellp, bias, out)
+        return ops.sellp_linear_int8.default(*sellp, scales, bias, out)
     args = (x, weight.row_ptr, weight.col_idx, weight.values)
     if isinstance(weight, CsrWeight):
         if scales is None:
@@ -381,4 +460,4 @@ def sparse_linear(
         if scales is None:
             return ops.bsr_linear.default(*args, bias, out)
         return ops.bsr_linear_int8.default(*args, scales, bias, out)
-    raise TypeError(f"weight must be a CsrWeight, BsrWeight or SellWeight, got {type(weight).__name__}")
+    raise TypeError(f"weight must be a CsrWeight, BsrWeight, SellWeight or SellpWeight, got {type(weight).__name__}")

@@ -41,11 +41,12 @@ struct SparseProblem {
   const float* scales;     // [out] per-row dequantisation scales, or nullptr
   const float* bias;       // [out] or nullptr
   const int32_t* row_order = nullptr;  // SELL: output row of each slice lane, -1 = padding
+  const uint8_t* lanes = nullptr;      // SELL-P: [layers, 8] column within the layer's block
   int64_t m;               // batch rows (all leading dims of x flattened)
   int64_t in;              // in_features
   int64_t out;             // out_features
-  int64_t n_groups;        // CSR: out; BSR: ceil(out / R); SELL: ceil(out / 8) slices
-  int64_t nnz;             // CSR: nonzeros; BSR: stored blocks; SELL: slice entries (8 values each)
+  int64_t n_groups;        // CSR: out; BSR: ceil(out / R); SELL, SELL-P: ceil(out / 8) slices
+  int64_t nnz;             // CSR: nonzeros; BSR: stored blocks; SELL: slice entries, SELL-P: layers (8 values each)
   bool idx16;              // col_idx is int16
   bool val8;               // values are int8 (then scales != nullptr)
 };
@@ -77,6 +78,7 @@ void gelu_forward(const float* x, float* y, int64_t n);
 void csr_forward(const SparseProblem& p, IndexErrors& err);
 void bsr_forward(const SparseProblem& p, int block_r, int block_c, IndexErrors& err);
 void sell_forward(const SparseProblem& p, IndexErrors& err);
+void sellp_forward(const SparseProblem& p, IndexErrors& err);
 
 namespace detail {
 

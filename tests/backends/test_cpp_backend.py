@@ -219,6 +219,29 @@ def test_sell_is_chosen_where_it_measured_fastest(pruned: Program, tmp_path) -> 
     assert sqnr_db(int8(**pruned.example_inputs)[0], want) > 30.0
 
 
+def test_sellp_is_chosen_where_it_measured_fastest_and_compiles(pruned: Program, tmp_path) -> None:
+    """A table in which SELL-P beats SELL, CSR and dense at batch 1: the layers get it, and the
+    model compiled ahead of time calls its C entry point (a signature that did not match the
+    schema would fail here) and matches the pruned module, as does the saved and loaded one."""
+    from graphopt.backends.cpp.backend import load_cpp
+
+    table = _timing_table(tmp_path / "times.json", 1,
+                          {("sell", None): ((0.1, 0.1), (0.3, 0.4)), ("sellp", None): ((0.1, 0.05), (0.3, 0.2))})
+    executable = graphopt.compile(pruned, backend="cpp", table=table, rows=1, int8=True)
+    assert executable.notes["formats"] == {"sellp int8": 10, "dense": 2}
+    assert executable.notes["runs"] == "aotinductor"
+    assert b"aoti_torch_cpu_sellp_linear_int8" in executable.package
+    want = pruned.run()[0]
+    assert sqnr_db(executable(**pruned.example_inputs)[0], want) > 30.0
+    loaded = load_cpp(executable.save(tmp_path / "out"), trust_native_code=True)
+    np.testing.assert_allclose(loaded(**pruned.example_inputs)[0], executable(**pruned.example_inputs)[0],
+                               rtol=0, atol=1e-6)
+    fp32 = graphopt.compile(pruned, backend="cpp", table=table, rows=1, aot=False)
+    targets = {str(n.target) for n in fp32.exported.graph.nodes if n.op == "call_function"}
+    assert "graphopt.sellp_linear.default" in targets
+    np.testing.assert_allclose(fp32(**pruned.example_inputs)[0], want, rtol=0, atol=1e-5)
+
+
 def test_a_corrupt_weight_in_compiled_code_raises_instead_of_reading_out_of_bounds(pruned: Program,
                                                                                    compiled_int8) -> None:
     """The compiled model calls the kernels' C entry points: their index checks still turn a

@@ -26,10 +26,12 @@ from graphopt.backends.cpp import build, ops
 from graphopt.backends.cpp.ops import (
     BsrWeight,
     CsrWeight,
+    SellpWeight,
     SellWeight,
     pack_bsr,
     pack_csr,
     pack_sell,
+    pack_sellp,
     pack_weight,
     sparse_linear,
 )
@@ -52,7 +54,7 @@ def _weight(out: int, inp: int, density: float, seed: int) -> torch.Tensor:
     return w * (torch.rand(out, inp, generator=g) < density)
 
 
-def _check(x: torch.Tensor, packed: CsrWeight | BsrWeight | SellWeight, bias: torch.Tensor | None) -> None:
+def _check(x: torch.Tensor, packed: CsrWeight | BsrWeight | SellWeight | SellpWeight, bias: torch.Tensor | None) -> None:
     y = sparse_linear(x, packed, bias)
     ref = F.linear(x, packed.to_dense(), bias)
     assert y.shape == ref.shape and y.dtype == torch.float32
@@ -69,7 +71,7 @@ def _pack_csr_exact(w: torch.Tensor, dtype: torch.dtype = torch.float32) -> CsrW
     return pack_csr(w, dtype, row_multiple=1)
 
 
-@pytest.mark.parametrize("pack", [pack_csr, _pack_csr_exact, pack_sell], ids=["csr", "csr_exact", "sell"])
+@pytest.mark.parametrize("pack", [pack_csr, _pack_csr_exact, pack_sell, pack_sellp], ids=["csr", "csr_exact", "sell", "sellp"])
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -186,7 +188,8 @@ def test_attention_rejects_what_it_does_not_compute(kernels) -> None:
 
 @pytest.mark.parametrize("batch", [1, 3, 8, 24, 130])
 @pytest.mark.parametrize(
-    "layout", ["csr", "csr8", "csr_exact", "bsr1x8", "bsr4x4", "bsr16x1", "bsr16x1_8", "sell", "sell8"]
+    "layout", ["csr", "csr8", "csr_exact", "bsr1x8", "bsr4x4", "bsr16x1", "bsr16x1_8", "sell", "sell8", "sellp",
+               "sellp8"]
 )
 def test_large_layers_use_threads_and_match(kernels, batch, layout) -> None:
     # Big enough for the multi-thread path (tests/conftest.py sets 2 threads); 301 rows
@@ -203,6 +206,8 @@ def test_large_layers_use_threads_and_match(kernels, batch, layout) -> None:
         "bsr16x1_8": lambda: pack_bsr(w, (16, 1), torch.int8),
         "sell": lambda: pack_sell(w),
         "sell8": lambda: pack_sell(w, torch.int8),
+        "sellp": lambda: pack_sellp(w),
+        "sellp8": lambda: pack_sellp(w, torch.int8),
     }[layout]()
     _check(torch.randn(batch, 515), packed, torch.randn(301))
 
@@ -225,13 +230,25 @@ def test_wide_input_uses_int32_indices(kernels, pack, index_dtype) -> None:
         _check(torch.randn(batch, 40000), packed, None)
 
 
+def test_sellp_wide_input_uses_int32_blocks(kernels) -> None:
+    # SELL-P indexes 8-column blocks: int32 beyond 32767 blocks (262136 columns).
+    w = torch.zeros(9, 8 * 32768 + 5)
+    w[:, ::4099] = torch.randn(9, 64)
+    w[3, -1] = 1.0
+    packed = pack_sellp(w)
+    assert packed.layer_block.dtype == torch.int32
+    assert pack_sellp(w[:, : 8 * 32767]).layer_block.dtype == torch.int16
+    for batch in (1, 2):
+        _check(torch.randn(batch, w.shape[1]), packed, None)
+
+
 def test_index_dtype_boundary() -> None:
     assert pack_csr(torch.ones(2, 32767)).col_idx.dtype == torch.int16
     assert pack_csr(torch.ones(2, 32768)).col_idx.dtype == torch.int32
 
 
 @pytest.mark.parametrize("fill", ["zeros", "ones", "one_row"])
-@pytest.mark.parametrize("layout", ["csr", "csr8", "bsr", "sell", "sell8"])
+@pytest.mark.parametrize("layout", ["csr", "csr8", "bsr", "sell", "sell8", "sellp", "sellp8"])
 def test_all_zero_and_dense_weights(kernels, fill, layout) -> None:
     w = {"zeros": torch.zeros(13, 29), "ones": torch.randn(13, 29), "one_row": torch.zeros(13, 29)}[
         fill
@@ -244,6 +261,8 @@ def test_all_zero_and_dense_weights(kernels, fill, layout) -> None:
         "bsr": lambda t: pack_bsr(t, (4, 4)),
         "sell": pack_sell,
         "sell8": lambda t: pack_sell(t, torch.int8),
+        "sellp": pack_sellp,
+        "sellp8": lambda t: pack_sellp(t, torch.int8),
     }[layout](w)
     bias = torch.randn(13)
     for shape in ((1, 29), (6, 29), (2, 3, 29)):
@@ -264,6 +283,8 @@ def test_packing_round_trips() -> None:
     )
     sell = pack_sell(w)
     assert torch.equal(sell.to_dense(), w)
+    assert torch.equal(pack_sellp(w).to_dense(), w)
+    assert torch.equal(pack_sellp(w, torch.int8).to_dense(), q.to_dense())
     assert torch.equal(pack_sell(w, torch.int8).to_dense(), q.to_dense())
     # Rows sorted by length: slice widths never increase, and padding is what sorting leaves.
     widths = sell.slice_ptr[1:] - sell.slice_ptr[:-1]
@@ -288,6 +309,20 @@ def test_packing_under_inference_mode_gives_tensors_with_versions() -> None:
         assert len(tensors) >= 3 and not any(t.is_inference() for t in tensors)
 
 
+def test_sellp_layers_are_the_most_nonzeros_a_row_has_in_a_block() -> None:
+    w = torch.zeros(10, 20)
+    w[0, [1, 4, 6]] = 1.0  # row 0: three nonzeros in block 0 (columns 0-7)
+    w[3, [2, 12]] = 2.0  # row 3: one in block 0, one in block 1
+    w[9, 19] = 3.0  # slice 1 (rows 8-9): one in block 2 (columns 16-19)
+    packed = pack_sellp(w)
+    assert packed.slice_ptr.tolist() == [0, 4, 5]  # slice 0: 3 layers in block 0 + 1 in block 1
+    assert packed.layer_block.tolist() == [0, 0, 0, 1, 2]
+    assert packed.layer_lanes[:3, 0].tolist() == [1, 4, 6] and packed.layer_lanes[0, 3] == 2
+    assert packed.values[:, 0].tolist() == [1.0, 1.0, 1.0, 0.0, 0.0]
+    assert packed.layer_lanes[4, 1] == 3 and packed.values[4, 1] == 3.0  # row 9 is lane 1 of slice 1
+    assert torch.equal(packed.to_dense(), w)
+
+
 @pytest.mark.parametrize("row_multiple", [1, 4, 8])
 def test_csr_rows_are_padded_with_zeros_to_the_row_multiple(row_multiple) -> None:
     w = _weight(37, 53, 0.2, seed=2)
@@ -309,10 +344,13 @@ def test_csr_rows_are_padded_with_zeros_to_the_row_multiple(row_multiple) -> Non
         assert e == s or (cols[n:] == cols[n - 1]).all()
 
 
-def _op_args(kind: str, x: torch.Tensor, packed: CsrWeight | BsrWeight | SellWeight, bias: torch.Tensor | None):
+def _op_args(kind: str, x: torch.Tensor, packed: CsrWeight | BsrWeight | SellWeight | SellpWeight,
+             bias: torch.Tensor | None):
     out = packed.shape[0]
     if isinstance(packed, SellWeight):
         base = (x, packed.slice_ptr, packed.row_order, packed.col_idx, packed.values)
+    elif isinstance(packed, SellpWeight):
+        base = (x, packed.slice_ptr, packed.layer_block, packed.layer_lanes, packed.values)
     else:
         base = (x, packed.row_ptr, packed.col_idx, packed.values)
     if packed.scales is not None:
@@ -329,6 +367,8 @@ def _op_args(kind: str, x: torch.Tensor, packed: CsrWeight | BsrWeight | SellWei
         ("bsr_linear_int8", lambda w: pack_bsr(w, (4, 4), torch.int8)),
         ("sell_linear", pack_sell),
         ("sell_linear_int8", lambda w: pack_sell(w, torch.int8)),
+        ("sellp_linear", pack_sellp),
+        ("sellp_linear_int8", lambda w: pack_sellp(w, torch.int8)),
     ],
 )
 def test_fake_matches_real(kernels, name, pack) -> None:
@@ -450,33 +490,60 @@ def test_malformed_weights_raise(kernels) -> None:
                                 s.values, None, 16)
     with pytest.raises(RuntimeError, match="row_order must"):
         ops.sell_linear(x, s.slice_ptr, s.row_order[:-1], s.col_idx, s.values, None, 16)
+    p = pack_sellp(_weight(16, 40, 0.5, seed=6))
+    for field, index, value, message in (
+        ("layer_block", (3,), 5, "col_idx"),  # 40 / 8 = 5 blocks
+        ("layer_block", (0,), -1, "col_idx"),
+        ("slice_ptr", (1,), int(p.slice_ptr[2]) + 1, "row_ptr"),
+    ):
+        tensors = {f: getattr(p, f).clone() for f in ("slice_ptr", "layer_block")}
+        tensors[field][index] = value
+        for m in (1, 3):
+            with pytest.raises(RuntimeError, match=message):
+                ops.sellp_linear(x[:m], tensors["slice_ptr"], tensors["layer_block"], p.layer_lanes, p.values, None, 16)
+    with pytest.raises(RuntimeError, match="layer_lanes must"):
+        ops.sellp_linear(x, p.slice_ptr, p.layer_block, p.layer_lanes.to(torch.int16), p.values, None, 16)
+    with pytest.raises(RuntimeError, match="layer_lanes must"):
+        ops.sellp_linear(x, p.slice_ptr, p.layer_block, p.layer_lanes[:-1], p.values, None, 16)
 
 
-def _call_with_columns(layout: str, packed: CsrWeight | SellWeight, col_idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _call_with_columns(layout: str, packed: CsrWeight | SellWeight | SellpWeight, col_idx: torch.Tensor,
+                       x: torch.Tensor) -> torch.Tensor:
+    """The op of ``layout`` with ``col_idx`` as its column indices (SELL-P: its layer blocks)."""
     if layout == "csr":
         return ops.csr_linear(x, packed.row_ptr, col_idx, packed.values, None, packed.shape[0])
+    if layout == "sellp":
+        return ops.sellp_linear(x, packed.slice_ptr, col_idx, packed.layer_lanes, packed.values, None, packed.shape[0])
     return ops.sell_linear(x, packed.slice_ptr, packed.row_order, col_idx, packed.values, None, packed.shape[0])
 
 
-@pytest.mark.parametrize("layout", ["csr", "sell"])
+_PACKS = {"csr": pack_csr, "sell": pack_sell, "sellp": pack_sellp}
+
+
+def _columns(packed: CsrWeight | SellWeight | SellpWeight) -> torch.Tensor:
+    return packed.layer_block if isinstance(packed, SellpWeight) else packed.col_idx
+
+
+@pytest.mark.parametrize("layout", ["csr", "sell", "sellp"])
 @pytest.mark.parametrize("m", [1, 3, 20])
 def test_indices_written_after_a_call_are_checked_again(kernels, layout, m) -> None:
-    """CSR and SELL column indices are checked once per index tensor and version, not on every
-    call: an in-place write through torch (which bumps the version) is caught on the next call."""
-    packed = (pack_csr if layout == "csr" else pack_sell)(_weight(16, 40, 0.5, seed=7))
+    """CSR and SELL column indices (SELL-P blocks) are checked once per index tensor and version,
+    not on every call: an in-place write through torch (which bumps the version) is caught on the
+    next call."""
+    packed = _PACKS[layout](_weight(16, 40, 0.5, seed=7))
     x = torch.randn(m, 40)
-    col_idx = packed.col_idx.clone()
+    col_idx = _columns(packed).clone()
     want = _call_with_columns(layout, packed, col_idx, x)
     entry = (0,) * col_idx.dim()
     saved = int(col_idx[entry])
-    col_idx[entry] = 40
+    col_idx[entry] = 5 if layout == "sellp" else 40
     with pytest.raises(RuntimeError, match="col_idx"):
         _call_with_columns(layout, packed, col_idx, x)
     col_idx[entry] = saved
     torch.testing.assert_close(_call_with_columns(layout, packed, col_idx, x), want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("layout", ["csr", "sell"])
+@pytest.mark.parametrize("layout", ["csr", "sell", "sellp"])
 @pytest.mark.parametrize("m", [1, 20])
 @pytest.mark.parametrize("index_dtype", [torch.int16, torch.int32])
 def test_indices_written_behind_torch_stay_inside_the_buffers(kernels, layout, m, index_dtype) -> None:
@@ -485,13 +552,15 @@ def test_indices_written_behind_torch_stay_inside_the_buffers(kernels, layout, m
     rows or tiles, and int32 ones are checked on every call. Rows without the bad index still
     match."""
     dense = _weight(16, 40, 0.5, seed=8)
-    packed = (pack_csr if layout == "csr" else pack_sell)(dense)
+    packed = _PACKS[layout](dense)
     x = torch.randn(m, 40)
     want = x @ dense.T
-    col_idx = packed.col_idx.to(index_dtype)
+    col_idx = _columns(packed).to(index_dtype)
     _call_with_columns(layout, packed, col_idx, x)  # checked now, and remembered
     if layout == "csr":  # entry 0 is in the first row that has entries
         row = int(torch.searchsorted(packed.row_ptr, 0, right=True)) - 1
+    elif layout == "sellp":  # layer 0 is read by every row of slice 0 (rows 0-7)
+        row = -1
     else:  # entry 0 is lane 0 of slice 0
         row = int(packed.row_order[0])
     col_idx.data[(0,) * col_idx.dim()] = -1 if index_dtype == torch.int16 else 1 << 30
@@ -500,7 +569,7 @@ def test_indices_written_behind_torch_stay_inside_the_buffers(kernels, layout, m
             _call_with_columns(layout, packed, col_idx, x)
         return
     got = _call_with_columns(layout, packed, col_idx, x)
-    others = [r for r in range(16) if r != row]
+    others = list(range(8, 16)) if layout == "sellp" else [r for r in range(16) if r != row]
     torch.testing.assert_close(got[:, others], want[:, others], rtol=1e-5, atol=1e-5)
 
 
