@@ -39,7 +39,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from graphopt.backends.cpp import build
-from graphopt.backends.cpp.ops import BsrWeight, CsrWeight, SellpWeight, SellWeight, pack_weight, sparse_linear
+from graphopt.backends.cpp.ops import (
+    BsrWeight,
+    CsrWeight,
+    SellpWeight,
+    SellWeight,
+    pack_weight,
+    sparse_linear,
+)
 from torch.utils import mkldnn as mkldnn_utils
 
 from graphopt.bench import interleaved_ms
