@@ -33,8 +33,9 @@ Layouts (W is ``[out_features, in_features]``; ``y = x @ W.T + b``):
   ``values`` ``[layers, 8]`` (0 for padding); ``slice_ptr`` int32 ``[ceil(out/8) + 1]`` in
   layers. ~3 nonzeros a layer at 90% sparsity, ~4.5 at 70%: more padding than SELL, but a
   layer costs one permute of 8 columns of x held in a register instead of 8 scalar loads.
-* Column indices are int16 when the index range fits (``in_features <= 32767`` for CSR,
-  ``ceil(in/C) <= 32767`` for BSR), else int32: at fp32 they are a third of the bytes read.
+* Column indices are int16 when the index range fits (``in_features <= 32767`` for CSR and
+  SELL, ``ceil(in/C) <= 32767`` for BSR, ``ceil(in/8) <= 32767`` for SELL-P's blocks), else
+  int32: at fp32 they are a third of the bytes read.
 * Packed tensors are never inference tensors, even when packed under ``torch.inference_mode``:
   the ops check a weight's column indices once per tensor version (``ops.cpp``), and
   inference tensors have no version counter, so theirs would be read on every call.
