@@ -110,12 +110,13 @@ bool trivial(Prepared& r) {
   return true;
 }
 
-void raise_errors(const char* op, const IndexErrors& err, int64_t col_limit) {
+// index_name: the tensor of column indices (SELL-P: of column blocks), for the message.
+void raise_errors(const char* op, const IndexErrors& err, int64_t col_limit, const char* index_name = "col_idx") {
   TORCH_CHECK(!err.bad_row_order.load(), op,
               ": row_order holds a row outside [-1, out_features); the packed weight is corrupt");
   TORCH_CHECK(!err.bad_row_ptr.load(), op,
               ": row_ptr decreases or leaves [0, nnz]; the packed weight is corrupt, pack it again");
-  TORCH_CHECK(!err.bad_col_idx.load(), op, ": col_idx holds an index outside [0, ", col_limit,
+  TORCH_CHECK(!err.bad_col_idx.load(), op, ": ", index_name, " holds an index outside [0, ", col_limit,
               "); the packed weight does not match in_features of x, or is corrupt");
 }
 
@@ -169,11 +170,11 @@ class LargestIndexCache {
 
 // Raises the kernels' error for a column index outside [0, in), reading col_idx only when the
 // cache has not seen it at this version.
-void check_columns(const char* op, const at::Tensor& col_idx, int64_t in) {
+void check_columns(const char* op, const at::Tensor& col_idx, int64_t in, const char* index_name = "col_idx") {
   static LargestIndexCache cache;
   IndexErrors err;
   err.bad_col_idx = cache.largest(col_idx) >= static_cast<uint64_t>(in);
-  raise_errors(op, err, in);
+  raise_errors(op, err, in, index_name);
 }
 
 at::Tensor csr_impl(const char* op, const at::Tensor& x, const at::Tensor& row_ptr,
@@ -244,10 +245,10 @@ at::Tensor sellp_impl(const char* op, const at::Tensor& x, const at::Tensor& sli
   r.p.lanes = layer_lanes.data_ptr<uint8_t>();
   if (trivial(r)) return r.y;
   const int64_t n_blocks = (r.p.in + 7) / 8;
-  check_columns(op, layer_block, n_blocks);
+  check_columns(op, layer_block, n_blocks, "layer_block");
   IndexErrors err;
   sellp_forward(r.p, err);
-  raise_errors(op, err, n_blocks);
+  raise_errors(op, err, n_blocks, "layer_block");
   return r.y;
 }
 
