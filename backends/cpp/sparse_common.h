@@ -371,13 +371,25 @@ inline v8f exp8(v8f x) {
 // product and ~13% of a one-row one). For memory safety the kernels read column c & mask
 // instead, mask = 2^k - 1 >= in - 1, of x or x's tiles padded to 2^k columns (rows): an
 // index changed behind the ops' check (through .data, or numpy) gives a wrong result, never
-// a read outside the buffers.
-inline uint32_t index16_mask(int64_t in) {
+// a read outside the buffers. int32 indices are checked as the kernels go, and not masked.
+template <typename I>
+inline uint32_t column_mask(int64_t in) {
+  if constexpr (sizeof(I) == 4) return ~0u;
   return std::bit_ceil(static_cast<uint32_t>(std::clamp<int64_t>(in - 1, 0, 0xffff)) + 1) - 1;
 }
 
-// Columns (rows of a tile) that a buffer of `in` needs after it for index16_mask(in).
-inline int64_t index16_guard(int64_t in) { return std::max<int64_t>(0, int64_t{index16_mask(in)} + 1 - in); }
+// Columns (rows of a tile) that a buffer of `in` needs after it for column_mask<I>(in).
+template <typename I>
+inline int64_t column_guard(int64_t in) {
+  if constexpr (sizeof(I) == 4) return 0;
+  return std::max<int64_t>(0, int64_t{column_mask<I>(in)} + 1 - in);
+}
+
+// Column c & mask (int16 indices; see column_mask), or column c (int32).
+template <typename I>
+inline uint32_t column(I c, uint32_t mask) {
+  return sizeof(I) == 2 ? static_cast<uint16_t>(c) & mask : static_cast<uint32_t>(c);
+}
 
 // A copy [m, in_pad] of x with each row zero-padded from in to in_pad columns.
 inline Scratch padded_rows(const SparseProblem& p, int64_t in_pad) {
@@ -391,18 +403,18 @@ inline Scratch padded_rows(const SparseProblem& p, int64_t in_pad) {
 }
 
 // The rows of x that gather8 reads with indices of type I: for int16, rows padded for
-// index16_mask, copied into `copy` (a few KB at batch 1); otherwise x itself. Sets the
+// column_mask, copied into `copy` (a few KB at batch 1); otherwise x itself. Sets the
 // rows' stride.
 template <typename I>
 inline const float* rows_for_gather(const SparseProblem& p, Scratch& copy, int64_t& stride) {
-  stride = p.in + (sizeof(I) == 2 ? index16_guard(p.in) : 0);
+  stride = p.in + column_guard<I>(p.in);
   if (stride == p.in) return p.x;
   copy = padded_rows(p, stride);
   return copy.get();
 }
 
 // x[c[0]], ..., x[c[7]] as a vector, from eight scalar loads; int16 indices are read as
-// c & mask (see index16_mask), int32 ones the caller has checked against x's length. Not
+// c & mask (see column_mask), int32 ones the caller has checked against x's length. Not
 // AVX2's vgatherdps: on Zen 3 that is slower than scalar loads inserted into a vector (0.47
 // against 0.27 ns a nonzero in a sparse dot product, measured here); int16 indices are read
 // four to a 64-bit load, which frees load slots (0.32 -> 0.27 ns).

@@ -12,7 +12,7 @@
 // (dot_scalar, the tail of row_tile) only run when row_multiple is not a multiple of 8.
 // Rows are split across threads by nonzero count (see sparse_common.h).
 // Each group's row pointers are checked before the group is read; int32 column indices
-// too, and int16 ones are masked (see index16_mask).
+// too, and int16 ones are masked (see column_mask).
 #include "sparse_common.h"
 
 namespace graphopt {
@@ -50,12 +50,6 @@ inline void checked_row_ptrs8(const SparseProblem& p, int64_t o0, int nr, IndexE
   }
 }
 
-// Column c & mask of x (int16 indices; see index16_mask), or column c (int32).
-template <typename I>
-inline uint32_t column(I c, uint32_t mask) {
-  return sizeof(I) == 2 ? static_cast<uint16_t>(c) & mask : static_cast<uint32_t>(c);
-}
-
 // Scalar part of a sparse dot product: the last n % 8 nonzeros of a row.
 template <typename I, typename V>
 inline float dot_scalar(const I* col, const V* val, int64_t k, int64_t n, const float* x, uint32_t mask) {
@@ -89,7 +83,7 @@ inline v8f dot_row(const I* col, const V* val, int64_t n, const float* x, uint32
 }
 
 // checked_row_ptrs8, and with int32 indices also each row's column indices (a row with one
-// outside [0, in) is recorded and left empty); int16 ones are masked (see index16_mask).
+// outside [0, in) is recorded and left empty); int16 ones are masked (see column_mask).
 template <typename I>
 inline void checked_group(const SparseProblem& p, const I* col, int64_t o0, int nr, IndexErrors& err,
                           int64_t start[8], int64_t len[8]) {
@@ -108,7 +102,7 @@ template <typename I, typename V>
 void csr_gather(const SparseProblem& p, IndexErrors& err) {
   const I* col = static_cast<const I*>(p.col_idx);
   const V* val = static_cast<const V*>(p.values);
-  const uint32_t mask = sizeof(I) == 2 ? index16_mask(p.in) : ~0u;
+  const uint32_t mask = column_mask<I>(p.in);
   Scratch copy(0);
   int64_t stride;
   const float* x = rows_for_gather<I>(p, copy, stride);
@@ -186,15 +180,15 @@ inline void row_tile(const I* col, const V* val, int64_t n, const float* xt, uin
   for (int q = 0; q < NV; ++q) res[q] = acc[0][q];
 }
 
-// The last tile is allocated with index16_guard rows after it, for the mask.
+// The last tile is allocated with column_guard rows after it, for the mask.
 template <int TB, typename I, typename V>
 void csr_tiles(const SparseProblem& p, IndexErrors& err) {
   constexpr int NV = TB / 8;
   const I* col = static_cast<const I*>(p.col_idx);
   const V* val = static_cast<const V*>(p.values);
-  const uint32_t mask = sizeof(I) == 2 ? index16_mask(p.in) : ~0u;
+  const uint32_t mask = column_mask<I>(p.in);
   const int64_t tiles = (p.m + TB - 1) / TB;
-  Scratch buf((tiles * p.in + (sizeof(I) == 2 ? index16_guard(p.in) : 0)) * TB);
+  Scratch buf((tiles * p.in + column_guard<I>(p.in)) * TB);
   float* xt = buf.get();
   transpose_tiles(p.x, p.m, p.in, p.in, TB, xt);
   parallel_rows(p.row_ptr, p.out, p.nnz * p.m, [&](int64_t begin, int64_t end) {

@@ -17,7 +17,7 @@
 // row_order[8 s + r] is the output row of lane r of slice s, or -1 for the padding lanes of
 // the last slice. Each slice's pointer is checked before the slice is read, and its int32
 // column indices too (one vectorised max over data the slice then reads from L1); int16 ones
-// are masked (see index16_mask). So malformed data gives an error, or for int16 indices
+// are masked (see column_mask). So malformed data gives an error, or for int16 indices
 // changed behind the ops' check a wrong result, and never an out-of-bounds read.
 #include "sparse_common.h"
 
@@ -55,7 +55,7 @@ void for_each_slice(const SparseProblem& p, IndexErrors& err, const F& f) {
 template <typename I, typename V>
 void sell_rows(const SparseProblem& p, IndexErrors& err) {
   const int32_t* order = p.row_order;
-  const uint32_t mask = sizeof(I) == 2 ? index16_mask(p.in) : ~0u;
+  const uint32_t mask = column_mask<I>(p.in);
   Scratch copy(0);
   int64_t stride;
   const float* x = rows_for_gather<I>(p, copy, stride);
@@ -93,9 +93,9 @@ void sell_tiles(const SparseProblem& p, IndexErrors& err) {
   constexpr int NV = TB / 8;
   constexpr int LR = 8 / NV > 0 ? 8 / NV : 1;
   const int32_t* order = p.row_order;
-  const uint32_t mask = sizeof(I) == 2 ? index16_mask(p.in) : ~0u;
+  const uint32_t mask = column_mask<I>(p.in);
   const int64_t tiles = (p.m + TB - 1) / TB;
-  Scratch buf((tiles * p.in + (sizeof(I) == 2 ? index16_guard(p.in) : 0)) * TB);
+  Scratch buf((tiles * p.in + column_guard<I>(p.in)) * TB);
   float* xt = buf.get();
   transpose_tiles(p.x, p.m, p.in, p.in, TB, xt);
   for_each_slice<I, V>(p, err, [&](int64_t s, const I* c, const V* v, int64_t n) {
@@ -109,8 +109,7 @@ void sell_tiles(const SparseProblem& p, IndexErrors& err) {
 #pragma GCC unroll 8
           for (int r = 0; r < LR; ++r) {
             const float wr = to_float(v[8 * k + r0 + r]);
-            const uint32_t cr = static_cast<std::make_unsigned_t<I>>(c[8 * k + r0 + r]);
-            const float* xr = xtt + static_cast<int64_t>(sizeof(I) == 2 ? cr & mask : cr) * TB;
+            const float* xr = xtt + static_cast<int64_t>(column(c[8 * k + r0 + r], mask)) * TB;
 #pragma GCC unroll 8
             for (int q = 0; q < NV; ++q) acc[r][q] += wr * load8(xr + 8 * q);
           }

@@ -14,7 +14,7 @@
 // takes it only where its timing table says it is fastest.
 //
 // Each slice's pointer is checked before the slice is read, and int32 layer blocks too;
-// int16 ones are masked (see index16_mask) against an x padded to the mask's range, and the
+// int16 ones are masked (see column_mask) against an x padded to the mask's range, and the
 // permute reads only the low 3 bits of a lane byte. So malformed data gives an error, or for
 // int16 blocks changed behind the ops' check a wrong result, never an out-of-bounds read.
 #include "sparse_common.h"
@@ -41,9 +41,9 @@ void sellp_rows(const SparseProblem& p, IndexErrors& err) {
   const I* block = static_cast<const I*>(p.col_idx);
   const V* val = static_cast<const V*>(p.values);
   const int64_t n_blocks = (p.in + 7) / 8;
-  const uint32_t mask = sizeof(I) == 2 ? index16_mask(n_blocks) : ~0u;
+  const uint32_t mask = column_mask<I>(n_blocks);
   // x padded with zeros to whole blocks (and for int16, to the mask's range of blocks).
-  const int64_t stride = 8 * (sizeof(I) == 2 ? int64_t{mask} + 1 : n_blocks);
+  const int64_t stride = 8 * (n_blocks + column_guard<I>(n_blocks));
   const Scratch xp = padded_rows(p, stride);
   parallel_rows(p.row_ptr, p.n_groups, p.nnz * 8 * p.m, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) {
@@ -65,13 +65,13 @@ void sellp_rows(const SparseProblem& p, IndexErrors& err) {
         for (; k + 4 <= k1; k += 4) {
 #pragma GCC unroll 4
           for (int j = 0; j < 4; ++j) {
-            const uint32_t blk = static_cast<std::make_unsigned_t<I>>(block[k + j]) & mask;
-            acc[j] += load8_as_float(val + 8 * (k + j)) * permute8(load8(x + 8 * int64_t{blk}), p.lanes + 8 * (k + j));
+            const int64_t blk = column(block[k + j], mask);
+            acc[j] += load8_as_float(val + 8 * (k + j)) * permute8(load8(x + 8 * blk), p.lanes + 8 * (k + j));
           }
         }
         for (; k < k1; ++k) {
-          const uint32_t blk = static_cast<std::make_unsigned_t<I>>(block[k]) & mask;
-          acc[0] += load8_as_float(val + 8 * k) * permute8(load8(x + 8 * int64_t{blk}), p.lanes + 8 * k);
+          const int64_t blk = column(block[k], mask);
+          acc[0] += load8_as_float(val + 8 * k) * permute8(load8(x + 8 * blk), p.lanes + 8 * k);
         }
         const v8f sums = (acc[0] + acc[1]) + (acc[2] + acc[3]);
         float* y = p.y + b * p.out + 8 * s;

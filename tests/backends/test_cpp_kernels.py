@@ -303,7 +303,7 @@ def test_packing_under_inference_mode_gives_tensors_with_versions() -> None:
     """The ops check column indices once per tensor version; inference tensors have none."""
     w = _weight(16, 40, 0.5, seed=3)
     with torch.inference_mode():
-        packs = [pack_csr(w), pack_sell(w, torch.int8), pack_bsr(w, (1, 4)), pack_weight(w * 2, "csr")]
+        packs = [pack_csr(w), pack_sell(w, torch.int8), pack_bsr(w, (1, 4)), pack_sellp(w), pack_weight(w * 2, "csr")]
     for packed in packs:
         tensors = [t for f in dataclasses.fields(packed) if isinstance(t := getattr(packed, f.name), torch.Tensor)]
         assert len(tensors) >= 3 and not any(t.is_inference() for t in tensors)
