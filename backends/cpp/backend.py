@@ -79,7 +79,7 @@ class SparseLinear(nn.Module):
         "csr": ("row_ptr", "col_idx", "values"),
         "bsr": ("row_ptr", "col_idx", "values"),
         "sell": ("slice_ptr", "row_order", "col_idx", "values"),
-        "sellp": ("slice_ptr", "layer_block", "layer_lanes", "values"),
+        "sellp": ("slice_ptr", "layer_block", "layer_lanes", "row_order", "col_idx", "values"),
     }
 
     def __init__(self, packed: CsrWeight | BsrWeight | SellWeight | SellpWeight, bias: torch.Tensor | None) -> None:

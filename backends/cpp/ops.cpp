@@ -35,29 +35,47 @@ struct Prepared {
   SparseProblem p;
 };
 
-Prepared prepare(const char* op, const at::Tensor& x, const at::Tensor& row_ptr,
-                 const at::Tensor& col_idx, const at::Tensor& values,
-                 const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& bias,
-                 int64_t out_features, int64_t n_groups, int64_t nnz, int64_t lanes = 1) {
+// Checks column indices (int16 or int32, contiguous, nnz * lanes of them); the kernels or
+// check_columns check their values.
+void check_indices(const char* op, const at::Tensor& col_idx, int64_t nnz, int64_t lanes,
+                   const char* name = "col_idx") {
+  TORCH_CHECK(col_idx.scalar_type() == at::kShort || col_idx.scalar_type() == at::kInt, op, ": ", name,
+              " must be int16 or int32, got ", col_idx.scalar_type());
+  TORCH_CHECK(col_idx.dim() == (lanes == 1 ? 1 : 2) && col_idx.is_contiguous() && col_idx.numel() == nnz * lanes,
+              op, ": ", name, " must be contiguous with one entry per stored value (", nnz * lanes, ")");
+}
+
+// Checks that a row pointer over n_groups spans [0, nnz]; the kernels check the steps between.
+void check_span(const char* op, const int32_t* rp, int64_t n_groups, int64_t nnz, const char* name = "row_ptr") {
+  TORCH_CHECK(rp[0] == 0 && rp[n_groups] == nnz, op, ": ", name, " must start at 0 and end at ", nnz, ", got ",
+              rp[0], " and ", rp[n_groups]);
+}
+
+// Checks a row pointer (CSR's rows, BSR's block rows, SELL's slices) and its column indices.
+// lanes > 1 (SELL): col_idx is [nnz, lanes], one index per lane of each stored entry.
+const int32_t* checked_pointers(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                int64_t n_groups, int64_t nnz, int64_t lanes = 1) {
+  TORCH_CHECK(row_ptr.scalar_type() == at::kInt && row_ptr.dim() == 1 && row_ptr.is_contiguous(),
+              op, ": row_ptr must be a contiguous 1-D int32 tensor (pack with pack_csr/pack_bsr)");
+  TORCH_CHECK(row_ptr.numel() == n_groups + 1, op, ": row_ptr has ", row_ptr.numel(),
+              " entries, expected ", n_groups + 1);
+  check_indices(op, col_idx, nnz, lanes);
+  const int32_t* rp = row_ptr.data_ptr<int32_t>();
+  check_span(op, rp, n_groups, nnz);
+  return rp;
+}
+
+// x, y, scales and bias of an op, and the problem's shapes; rp, col_idx and values must have
+// been checked.
+Prepared prepare_io(const char* op, const at::Tensor& x, const int32_t* rp, const at::Tensor& col_idx,
+                    const at::Tensor& values, const std::optional<at::Tensor>& scales,
+                    const std::optional<at::Tensor>& bias, int64_t out_features, int64_t n_groups, int64_t nnz) {
   TORCH_CHECK(x.device().is_cpu(), op, ": x must be on the CPU, got ", x.device());
   TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x must be float32, got ", x.scalar_type(),
               "; cast the activations with .float()");
   TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension");
   TORCH_CHECK(out_features >= 0, op, ": out_features must be >= 0, got ", out_features);
-  TORCH_CHECK(row_ptr.scalar_type() == at::kInt && row_ptr.dim() == 1 && row_ptr.is_contiguous(),
-              op, ": row_ptr must be a contiguous 1-D int32 tensor (pack with pack_csr/pack_bsr)");
-  TORCH_CHECK(row_ptr.numel() == n_groups + 1, op, ": row_ptr has ", row_ptr.numel(),
-              " entries, expected ", n_groups + 1, " for out_features=", out_features);
-  TORCH_CHECK(col_idx.scalar_type() == at::kShort || col_idx.scalar_type() == at::kInt, op,
-              ": col_idx must be int16 or int32, got ", col_idx.scalar_type());
-  // lanes > 1 (SELL): col_idx is [nnz, lanes], one index per lane of each stored entry.
-  TORCH_CHECK(col_idx.dim() == (lanes == 1 ? 1 : 2) && col_idx.is_contiguous() &&
-                  col_idx.numel() == nnz * lanes,
-              op, ": col_idx must be contiguous with one entry per stored value (", nnz * lanes, ")");
   TORCH_CHECK(values.is_contiguous(), op, ": values must be contiguous");
-  const int32_t* rp = row_ptr.data_ptr<int32_t>();
-  TORCH_CHECK(rp[0] == 0 && rp[n_groups] == nnz, op, ": row_ptr must start at 0 and end at ", nnz,
-              ", got ", rp[0], " and ", rp[n_groups]);
   const int64_t in = x.size(-1);
   TORCH_CHECK(nnz == 0 || in > 0, op, ": x has no features but the weight has stored values");
   if (bias) {
@@ -99,15 +117,37 @@ Prepared prepare(const char* op, const at::Tensor& x, const at::Tensor& row_ptr,
   return r;
 }
 
-// Output for a weight with no stored values, or no batch rows: just the bias.
-bool trivial(Prepared& r) {
-  if (r.p.m != 0 && r.p.nnz != 0) return false;
+Prepared prepare(const char* op, const at::Tensor& x, const at::Tensor& row_ptr,
+                 const at::Tensor& col_idx, const at::Tensor& values,
+                 const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& bias,
+                 int64_t out_features, int64_t n_groups, int64_t nnz, int64_t lanes = 1) {
+  const int32_t* rp = checked_pointers(op, row_ptr, col_idx, n_groups, nnz, lanes);
+  return prepare_io(op, x, rp, col_idx, values, scales, bias, out_features, n_groups, nnz);
+}
+
+// The output of a weight with no stored values: just the bias.
+const at::Tensor& bias_only(Prepared& r) {
   if (r.bias) {
     r.y.copy_(r.bias->expand_as(r.y));
   } else {
     r.y.zero_();
   }
+  return r.y;
+}
+
+// Output for a weight with no stored values, or no batch rows, filled in: true.
+bool trivial(Prepared& r) {
+  if (r.p.m != 0 && r.p.nnz != 0) return false;
+  bias_only(r);
   return true;
+}
+
+// SELL's and SELL-P's row_order [8 * slices] (int32; its values are checked by the kernels).
+const int32_t* checked_row_order(const char* op, const at::Tensor& row_order, int64_t slices) {
+  TORCH_CHECK(row_order.scalar_type() == at::kInt && row_order.dim() == 1 && row_order.is_contiguous() &&
+                  row_order.numel() == slices * 8,
+              op, ": row_order must be a contiguous 1-D int32 tensor of ", slices * 8, " entries");
+  return row_order.data_ptr<int32_t>();
 }
 
 // index_name: the tensor of column indices (SELL-P: of column blocks), for the message.
@@ -216,12 +256,10 @@ at::Tensor sell_impl(const char* op, const at::Tensor& x, const at::Tensor& slic
   TORCH_CHECK(values.dim() == 2 && values.size(1) == 8, op,
               ": values must be [entries, 8] (pack with pack_sell), got shape ", values.sizes());
   const int64_t slices = (out_features + 7) / 8;
-  TORCH_CHECK(row_order.scalar_type() == at::kInt && row_order.dim() == 1 && row_order.is_contiguous() &&
-                  row_order.numel() == slices * 8,
-              op, ": row_order must be a contiguous 1-D int32 tensor of ", slices * 8, " entries");
+  const int32_t* order = checked_row_order(op, row_order, slices);
   Prepared r = prepare(op, x, slice_ptr, col_idx, values, scales, bias, out_features, slices,
                        values.size(0), 8);
-  r.p.row_order = row_order.data_ptr<int32_t>();
+  r.p.row_order = order;
   if (trivial(r)) return r.y;
   check_columns(op, col_idx, r.p.in);
   IndexErrors err;
@@ -230,44 +268,69 @@ at::Tensor sell_impl(const char* op, const at::Tensor& x, const at::Tensor& slic
   return r.y;
 }
 
-at::Tensor sellp_impl(const char* op, const at::Tensor& x, const at::Tensor& slice_ptr,
-                      const at::Tensor& layer_block, const at::Tensor& layer_lanes, const at::Tensor& values,
-                      const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& bias,
-                      int64_t out_features) {
-  TORCH_CHECK(values.dim() == 2 && values.size(1) == 8, op,
-              ": values must be [layers, 8] (pack with pack_sellp), got shape ", values.sizes());
-  const int64_t layers = values.size(0);
+at::Tensor sellp_impl(const char* op, const at::Tensor& x, const at::Tensor& slice_ptr, const at::Tensor& layer_block,
+                      const at::Tensor& layer_lanes, const at::Tensor& row_order, const at::Tensor& col_idx,
+                      const at::Tensor& values, const std::optional<at::Tensor>& scales,
+                      const std::optional<at::Tensor>& bias, int64_t out_features) {
+  const int64_t slices = (out_features + 7) / 8;
+  TORCH_CHECK(slice_ptr.scalar_type() == at::kInt && slice_ptr.dim() == 2 && slice_ptr.size(0) == 2 &&
+                  slice_ptr.size(1) == slices + 1 && slice_ptr.is_contiguous(),
+              op, ": slice_ptr must be a contiguous int32 tensor of shape [2, ", slices + 1, "] (pack with pack_sellp)");
+  const int32_t* layer_ptr = slice_ptr.data_ptr<int32_t>();
+  const int32_t* entry_ptr = layer_ptr + slices + 1;
+  const int64_t layers = layer_ptr[slices], entries = entry_ptr[slices];
+  TORCH_CHECK(layers >= 0 && entries >= 0 && values.dim() == 2 && values.size(0) == layers + entries &&
+                  values.size(1) == 8,
+              op, ": values must be [layers + entries, 8] = [", layers, " + ", entries, ", 8], got shape ",
+              values.sizes());
+  check_span(op, layer_ptr, slices, layers, "slice_ptr[0]");
+  check_span(op, entry_ptr, slices, entries, "slice_ptr[1]");
+  check_indices(op, layer_block, layers, 1, "layer_block");
+  check_indices(op, col_idx, entries, 8);
+  TORCH_CHECK(layer_block.scalar_type() == col_idx.scalar_type(), op, ": layer_block (", layer_block.scalar_type(),
+              ") and col_idx (", col_idx.scalar_type(), ") must have one dtype");
   TORCH_CHECK(layer_lanes.scalar_type() == at::kByte && layer_lanes.dim() == 2 && layer_lanes.size(0) == layers &&
                   layer_lanes.size(1) == 8 && layer_lanes.is_contiguous(),
               op, ": layer_lanes must be a contiguous uint8 tensor of shape [", layers, ", 8]");
-  Prepared r = prepare(op, x, slice_ptr, layer_block, values, scales, bias, out_features, (out_features + 7) / 8,
-                       layers);
+  const int32_t* order = checked_row_order(op, row_order, slices);
+  Prepared r = prepare_io(op, x, layer_ptr, layer_block, values, scales, bias, out_features, slices, layers);
+  r.p.row_order = order;
   r.p.lanes = layer_lanes.data_ptr<uint8_t>();
-  if (trivial(r)) return r.y;
+  SparseProblem e = r.p;
+  e.row_ptr = entry_ptr;
+  e.col_idx = col_idx.data_ptr();
+  e.values = static_cast<const char*>(r.p.values) + layers * 8 * values.element_size();
+  e.nnz = entries;
+  if (r.p.m == 0 || layers + entries == 0) return bias_only(r);
   const int64_t n_blocks = (r.p.in + 7) / 8;
   check_columns(op, layer_block, n_blocks, "layer_block");
-  IndexErrors err;
-  sellp_forward(r.p, err);
-  raise_errors(op, err, n_blocks, "layer_block");
+  check_columns(op, col_idx, r.p.in);
+  IndexErrors layer_err, entry_err;
+  sellp_forward(r.p, e, layer_err, entry_err);
+  raise_errors(op, layer_err, n_blocks, "layer_block");
+  raise_errors(op, entry_err, r.p.in);
   return r.y;
 }
 
 at::Tensor sellp_linear(const at::Tensor& x, const at::Tensor& slice_ptr, const at::Tensor& layer_block,
-                        const at::Tensor& layer_lanes, const at::Tensor& values,
-                        const std::optional<at::Tensor>& bias, int64_t out_features) {
+                        const at::Tensor& layer_lanes, const at::Tensor& row_order, const at::Tensor& col_idx,
+                        const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t out_features) {
   const char* op = "graphopt::sellp_linear";
   TORCH_CHECK(values.scalar_type() == at::kFloat, op, ": values must be float32, got ",
               values.scalar_type(), "; int8 weights go to graphopt::sellp_linear_int8");
-  return sellp_impl(op, x, slice_ptr, layer_block, layer_lanes, values, std::nullopt, bias, out_features);
+  return sellp_impl(op, x, slice_ptr, layer_block, layer_lanes, row_order, col_idx, values, std::nullopt, bias,
+                    out_features);
 }
 
 at::Tensor sellp_linear_int8(const at::Tensor& x, const at::Tensor& slice_ptr, const at::Tensor& layer_block,
-                             const at::Tensor& layer_lanes, const at::Tensor& values, const at::Tensor& scales,
+                             const at::Tensor& layer_lanes, const at::Tensor& row_order, const at::Tensor& col_idx,
+                             const at::Tensor& values, const at::Tensor& scales,
                              const std::optional<at::Tensor>& bias, int64_t out_features) {
   const char* op = "graphopt::sellp_linear_int8";
   TORCH_CHECK(values.scalar_type() == at::kChar, op, ": values must be int8, got ",
               values.scalar_type());
-  return sellp_impl(op, x, slice_ptr, layer_block, layer_lanes, values, scales, bias, out_features);
+  return sellp_impl(op, x, slice_ptr, layer_block, layer_lanes, row_order, col_idx, values, scales, bias,
+                    out_features);
 }
 
 at::Tensor sell_linear(const at::Tensor& x, const at::Tensor& slice_ptr, const at::Tensor& row_order,
@@ -490,17 +553,19 @@ AOTI_TORCH_EXPORT AOTITorchError aoti_torch_cpu_sell_linear_int8(Handle x, Handl
                         bias, out_features);
 }
 AOTI_TORCH_EXPORT AOTITorchError aoti_torch_cpu_sellp_linear(Handle x, Handle slice_ptr, Handle layer_block,
-                                                             Handle layer_lanes, Handle values, Handle* bias,
-                                                             int64_t out_features, Handle* ret0) {
-  return call_from_shim(graphopt::sellp_linear, ret0, x, slice_ptr, layer_block, layer_lanes, values, bias,
-                        out_features);
+                                                             Handle layer_lanes, Handle row_order, Handle col_idx,
+                                                             Handle values, Handle* bias, int64_t out_features,
+                                                             Handle* ret0) {
+  return call_from_shim(graphopt::sellp_linear, ret0, x, slice_ptr, layer_block, layer_lanes, row_order, col_idx,
+                        values, bias, out_features);
 }
 AOTI_TORCH_EXPORT AOTITorchError aoti_torch_cpu_sellp_linear_int8(Handle x, Handle slice_ptr, Handle layer_block,
-                                                                  Handle layer_lanes, Handle values, Handle scales,
+                                                                  Handle layer_lanes, Handle row_order,
+                                                                  Handle col_idx, Handle values, Handle scales,
                                                                   Handle* bias, int64_t out_features,
                                                                   Handle* ret0) {
-  return call_from_shim(graphopt::sellp_linear_int8, ret0, x, slice_ptr, layer_block, layer_lanes, values, scales,
-                        bias, out_features);
+  return call_from_shim(graphopt::sellp_linear_int8, ret0, x, slice_ptr, layer_block, layer_lanes, row_order,
+                        col_idx, values, scales, bias, out_features);
 }
 AOTI_TORCH_EXPORT AOTITorchError aoti_torch_cpu_attention(Handle q, Handle k, Handle v, Handle* attn_mask,
                                                           double scale, Handle* ret0) {

@@ -28,9 +28,11 @@ Schemas::
     graphopt::sell_linear_int8(Tensor x, Tensor slice_ptr, Tensor row_order, Tensor col_idx,
                                Tensor values, Tensor scales, Tensor? bias, int out_features) -> Tensor
     graphopt::sellp_linear(Tensor x, Tensor slice_ptr, Tensor layer_block, Tensor layer_lanes,
-                           Tensor values, Tensor? bias, int out_features) -> Tensor
+                           Tensor row_order, Tensor col_idx, Tensor values, Tensor? bias,
+                           int out_features) -> Tensor
     graphopt::sellp_linear_int8(Tensor x, Tensor slice_ptr, Tensor layer_block, Tensor layer_lanes,
-                                Tensor values, Tensor scales, Tensor? bias, int out_features) -> Tensor
+                                Tensor row_order, Tensor col_idx, Tensor values, Tensor scales,
+                                Tensor? bias, int out_features) -> Tensor
     graphopt::attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float scale) -> Tensor
     graphopt::gelu(Tensor x) -> Tensor
 
@@ -114,12 +116,12 @@ OP_SCHEMAS: dict[str, str] = {
         "Tensor scales, Tensor? bias, int out_features) -> Tensor"
     ),
     "sellp_linear": (
-        "sellp_linear(Tensor x, Tensor slice_ptr, Tensor layer_block, Tensor layer_lanes, Tensor values, "
-        "Tensor? bias, int out_features) -> Tensor"
+        "sellp_linear(Tensor x, Tensor slice_ptr, Tensor layer_block, Tensor layer_lanes, Tensor row_order, "
+        "Tensor col_idx, Tensor values, Tensor? bias, int out_features) -> Tensor"
     ),
     "sellp_linear_int8": (
-        "sellp_linear_int8(Tensor x, Tensor slice_ptr, Tensor layer_block, Tensor layer_lanes, Tensor values, "
-        "Tensor scales, Tensor? bias, int out_features) -> Tensor"
+        "sellp_linear_int8(Tensor x, Tensor slice_ptr, Tensor layer_block, Tensor layer_lanes, Tensor row_order, "
+        "Tensor col_idx, Tensor values, Tensor scales, Tensor? bias, int out_features) -> Tensor"
     ),
     "attention": "attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float scale) -> Tensor",
     "gelu": "gelu(Tensor x) -> Tensor",
@@ -132,7 +134,7 @@ for _schema in OP_SCHEMAS.values():
     _LIB.define(_schema, tags=(torch.Tag.pt2_compliant_tag,))
 
 
-#: Dimensions of ``values`` in each layout: CSR [nnz], SELL [entries, 8], SELL-P [layers, 8],
+#: Dimensions of ``values`` in each layout: CSR [nnz], SELL [entries, 8], SELL-P [layers + entries, 8],
 #: BSR [n_blocks, R, C].
 _VALUES_DIM = {"csr": 1, "sell": 2, "sellp": 2, "bsr": 3}
 
@@ -349,6 +351,8 @@ def sellp_linear(
     slice_ptr: Tensor,
     layer_block: Tensor,
     layer_lanes: Tensor,
+    row_order: Tensor,
+    col_idx: Tensor,
     values: Tensor,
     bias: Tensor | None,
     out_features: int,
@@ -357,10 +361,14 @@ def sellp_linear(
 
     Args:
         x: float32 ``[..., in_features]``.
-        slice_ptr: int32 ``[ceil(out_features / 8) + 1]``, in layers.
+        slice_ptr: int32 ``[2, ceil(out_features / 8) + 1]``: the slices' offsets in layers,
+            then in entries.
         layer_block: int16 or int32 ``[layers]``, the 8-column block of ``x`` of each layer.
         layer_lanes: uint8 ``[layers, 8]``, each lane's column within its layer's block.
-        values: float32 ``[layers, 8]``.
+        row_order: int32 ``[8 * ceil(out_features / 8)]``, the output row of each slice lane
+            (-1 for padding lanes).
+        col_idx: ``[entries, 8]``, of ``layer_block``'s dtype.
+        values: float32 ``[layers + entries, 8]``, the layers' then the entries'.
         bias: float32 ``[out_features]`` or None.
         out_features: rows of ``W``.
 
@@ -369,7 +377,7 @@ def sellp_linear(
     """
     _ensure_kernels(x)
     return torch.ops.graphopt.sellp_linear.default(
-        x, slice_ptr, layer_block, layer_lanes, values, bias, out_features
+        x, slice_ptr, layer_block, layer_lanes, row_order, col_idx, values, bias, out_features
     )
 
 
@@ -378,6 +386,8 @@ def sellp_linear_int8(
     slice_ptr: Tensor,
     layer_block: Tensor,
     layer_lanes: Tensor,
+    row_order: Tensor,
+    col_idx: Tensor,
     values: Tensor,
     scales: Tensor,
     bias: Tensor | None,
@@ -386,7 +396,7 @@ def sellp_linear_int8(
     """Like :func:`sellp_linear` with int8 ``values`` and float32 per-row ``scales [out]``."""
     _ensure_kernels(x)
     return torch.ops.graphopt.sellp_linear_int8.default(
-        x, slice_ptr, layer_block, layer_lanes, values, scales, bias, out_features
+        x, slice_ptr, layer_block, layer_lanes, row_order, col_idx, values, scales, bias, out_features
     )
 
 
@@ -447,7 +457,8 @@ def sparse_linear(
             return ops.sell_linear.default(*sell, bias, out)
         return ops.sell_linear_int8.default(*sell, scales, bias, out)
     if isinstance(weight, SellpWeight):
-        sellp = (x, weight.slice_ptr, weight.layer_block, weight.layer_lanes, weight.values)
+        sellp = (x, weight.slice_ptr, weight.layer_block, weight.layer_lanes, weight.row_order, weight.col_idx,
+                 weight.values)
         if scales is None:
             return ops.sellp_linear.default(*sellp, bias, out)
         return ops.sellp_linear_int8.default(*sellp, scales, bias, out)

@@ -26,16 +26,21 @@ Layouts (W is ``[out_features, in_features]``; ``y = x @ W.T + b``):
   ``slice_ptr`` int32 ``[ceil(out/8) + 1]`` in entries; ``row_order`` int32
   ``[8 * ceil(out/8)]``, the output row of each lane (-1 for the lanes past ``out``). Sorting
   keeps the padding small (a few % at 90% unstructured, against ~20% unsorted).
-* SELL-P (SELL with permutes, for batch 1): slices of 8 consecutive rows (no sorting); the
-  columns are cut into blocks of 8, and a slice stores, block by block, as many *layers* as
-  the most nonzeros any of its rows has in that block: ``layer_block`` ``[layers]`` (the block),
-  ``layer_lanes`` uint8 ``[layers, 8]`` (each lane's column within the block, 0 for padding),
-  ``values`` ``[layers, 8]`` (0 for padding); ``slice_ptr`` int32 ``[ceil(out/8) + 1]`` in
-  layers. ~3 nonzeros a layer at 90% sparsity, ~4.5 at 70%: more padding than SELL, but a
-  layer costs one permute of 8 columns of x held in a register instead of 8 scalar loads.
-* Column indices are int16 when the index range fits (``in_features <= 32767`` for CSR and
-  SELL, ``ceil(in/C) <= 32767`` for BSR, ``ceil(in/8) <= 32767`` for SELL-P's blocks), else
-  int32: at fp32 they are a third of the bytes read.
+* SELL-P (SELL with permutes, for batch 1): SELL's sorted slices of 8 rows (``row_order``),
+  whose nonzeros go two ways. The columns are cut into blocks of 8; in each block a slice
+  first stores up to K *layers*, layer k holding the k-th nonzero each of its rows has in the
+  block: ``layer_block`` ``[layers]`` (the block) and ``layer_lanes`` uint8 ``[layers, 8]``
+  (each lane's column within the block, 0 for padding). The rest are SELL entries:
+  ``col_idx`` ``[entries, 8]``. ``values`` ``[layers + entries, 8]`` holds the layers' values,
+  then the entries' (0 for padding); ``slice_ptr`` int32 ``[2, ceil(out/8) + 1]`` the slices'
+  offsets in layers, then in entries (one tensor each, not two: every tensor argument costs
+  ~0.1-0.3 us of an op call from Python). A layer costs one permute of 8 columns of x held in
+  a register instead of 8 scalar loads, but holds only the lanes whose rows have a k-th
+  nonzero there (~4.6 of 8 for the first layer at 90% sparsity); K is chosen per slice by a
+  cost model (``pack_sellp``).
+* Column indices are int16 when the index range fits (``in_features <= 32767`` for CSR,
+  SELL and SELL-P, whose blocks take the dtype of its columns; ``ceil(in/C) <= 32767`` for
+  BSR), else int32: at fp32 they are a third of the bytes read.
 * Packed tensors are never inference tensors, even when packed under ``torch.inference_mode``:
   the ops check a weight's column indices once per tensor version (``ops.cpp``), and
   inference tensors have no version counter, so theirs would be read on every call.
@@ -206,36 +211,40 @@ class SellpWeight(_Packed):
     """A weight in SELL-P form, as the ``graphopt::sellp_linear*`` ops take it.
 
     Attributes:
-        slice_ptr: int32 ``[ceil(out / 8) + 1]``, layer offsets of the slices (slice ``s`` is
-            rows ``8s .. 8s + 7``).
+        slice_ptr: int32 ``[2, ceil(out / 8) + 1]``: the slices' offsets in layers (row 0) and
+            in entries (row 1).
         layer_block: int16 or int32 ``[layers]``, the 8-column block of ``x`` each layer reads.
         layer_lanes: uint8 ``[layers, 8]``, the column within that block of each lane's value
             (0 for padding lanes).
-        values: float32 or int8 ``[layers, 8]``, 0 for padding lanes.
-        scales: float32 ``[out]`` when ``values`` is int8, else None.
+        row_order: int32 ``[8 * ceil(out / 8)]``, output row of each slice lane, -1 = padding.
+        col_idx: ``[entries, 8]``, of ``layer_block``'s dtype.
+        values: float32 or int8 ``[layers + entries, 8]``: the layers' values, then the
+            entries'; 0 for padding lanes.
+        scales: float32 ``[out]`` when the values are int8, else None.
         shape: ``(out_features, in_features)``.
     """
 
     slice_ptr: Tensor
     layer_block: Tensor
     layer_lanes: Tensor
+    row_order: Tensor
+    col_idx: Tensor
     values: Tensor
     scales: Tensor | None
     shape: tuple[int, int]
 
     def to_dense(self) -> Tensor:
         """The float32 weight this packing represents (dequantised when int8)."""
-        out, inp = self.shape
-        n_slices = len(self.slice_ptr) - 1
-        slice_of_layer = torch.repeat_interleave(
-            torch.arange(n_slices), (self.slice_ptr[1:] - self.slice_ptr[:-1]).long()
-        )
-        rows = slice_of_layer[:, None] * 8 + torch.arange(8)  # [layers, 8]
+        layers = len(self.layer_block)
+        entries = SellWeight(self.slice_ptr[1], self.row_order, self.col_idx, self.values[layers:], None, self.shape)
+        dense = entries.to_dense()
+        layer_ptr = self.slice_ptr[0].long()
+        slice_of_layer = torch.repeat_interleave(torch.arange(len(layer_ptr) - 1), layer_ptr[1:] - layer_ptr[:-1])
+        rows = self.row_order.long().view(-1, 8)[slice_of_layer]  # [layers, 8]
         cols = self.layer_block.long()[:, None] * 8 + self.layer_lanes.long()
-        dense = torch.zeros(n_slices * 8, -(-inp // 8) * 8)
+        live = rows >= 0
         # Padding lanes (value 0) may repeat a stored position: add, not assign.
-        dense.index_put_((rows.flatten(), cols.flatten()), self.values.float().flatten(), accumulate=True)
-        dense = dense[:out, :inp].contiguous()
+        dense.index_put_((rows[live], cols[live]), self.values[:layers].float()[live], accumulate=True)
         if self.scales is not None:
             dense *= self.scales[:, None]
         return dense
@@ -362,6 +371,44 @@ def pack_bsr(
     return BsrWeight(row_ptr, bcol.to(_index_dtype(n_bc)), values, scales, (out, inp))
 
 
+def _sorted_lanes(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """SELL's lanes: rows sorted by nonzero count (longest first, stable), 8 to a slice.
+
+    Returns ``(row_order, lane_of_row)``: the output row of each lane (-1 past ``out``,
+    int32), and the lane of each row (int64).
+    """
+    out = mask.shape[0]
+    order = torch.sort(mask.sum(dim=1), descending=True, stable=True).indices
+    row_order = torch.full((-(-out // 8) * 8,), -1, dtype=torch.int32)
+    row_order[:out] = order.to(torch.int32)
+    lane_of_row = torch.empty(out, dtype=torch.int64)
+    lane_of_row[order] = torch.arange(out)
+    return row_order, lane_of_row
+
+
+def _sell_entries(rows: Tensor, cols: Tensor, values: Tensor, lane_of_row: Tensor,
+                  n_slices: int) -> tuple[Tensor, Tensor, Tensor]:
+    """SELL entries of the nonzeros ``(rows, cols, values)``, given row-major (each row's
+    nonzeros together, columns ascending): each slice's rows side by side, zero-padded to
+    its longest row.
+
+    Returns ``(slice_ptr, col_idx, values)``: int32 ``[n_slices + 1]`` entry offsets, and
+    int64 and float32 ``[entries, 8]``.
+    """
+    lane = lane_of_row[rows]
+    widths = torch.bincount(lane, minlength=n_slices * 8).view(n_slices, 8).amax(dim=1)
+    slice_ptr = _row_pointer(widths)
+    # position of each nonzero within its row
+    row_counts = torch.bincount(rows, minlength=len(lane_of_row))
+    within = torch.arange(len(rows)) - (torch.cumsum(row_counts, 0) - row_counts)[rows]
+    entry = slice_ptr.long()[lane // 8] + within
+    col_idx = torch.zeros(int(slice_ptr[-1]), 8, dtype=torch.int64)
+    stored = torch.zeros(int(slice_ptr[-1]), 8)
+    col_idx[entry, lane % 8] = cols
+    stored[entry, lane % 8] = values
+    return slice_ptr, col_idx, stored
+
+
 @torch.inference_mode(False)
 def pack_sell(weight: Tensor, dtype: torch.dtype = torch.float32) -> SellWeight:
     """Packs a dense weight ``[out, in]`` into SELL-8, keeping its nonzero entries.
@@ -379,34 +426,16 @@ def pack_sell(weight: Tensor, dtype: torch.dtype = torch.float32) -> SellWeight:
     w = _check_weight(weight, dtype)
     out, inp = w.shape
     mask = w != 0
-    counts = mask.sum(dim=1)
-    order = torch.sort(counts, descending=True, stable=True).indices
-    n_slices = -(-out // 8)
-    lane_rows = torch.full((n_slices * 8,), -1, dtype=torch.int64)
-    lane_rows[:out] = order
-    lane_counts = torch.zeros(n_slices * 8, dtype=torch.int64)
-    lane_counts[:out] = counts[order]
-    widths = lane_counts.view(n_slices, 8).amax(dim=1)
-    slice_ptr = _row_pointer(widths)
-    entries = int(slice_ptr[-1])
+    row_order, lane_of_row = _sorted_lanes(mask)
     scales = _row_scales(w) if dtype == torch.int8 else None
     source = w if scales is None else _quantize_rows(w, scales).float()
-    col_idx = torch.zeros(entries, 8, dtype=torch.int64)
-    values = torch.zeros(entries, 8)
     rows, cols = mask.nonzero(as_tuple=True)  # row-major: each row's columns ascending
-    # position of each nonzero within its row, and the lane / slice of its row
-    starts = _row_pointer(counts).long()
-    within = torch.arange(len(rows)) - starts[rows]
-    lane_of_row = torch.empty(out, dtype=torch.int64)
-    lane_of_row[order] = torch.arange(out)
-    lane = lane_of_row[rows]
-    entry = slice_ptr.long()[lane // 8] + within
-    col_idx[entry, lane % 8] = cols
-    values[entry, lane % 8] = source[rows, cols]
-    logger.debug("packed %dx%d weight as SELL-8: %d nonzeros in %d entries, %s", out, inp, len(rows), entries, dtype)
+    slice_ptr, col_idx, values = _sell_entries(rows, cols, source[rows, cols], lane_of_row, len(row_order) // 8)
+    logger.debug("packed %dx%d weight as SELL-8: %d nonzeros in %d entries, %s", out, inp, len(rows), len(values),
+                 dtype)
     return SellWeight(
         slice_ptr,
-        lane_rows.to(torch.int32),
+        row_order,
         col_idx.to(_index_dtype(inp)),
         values.to(dtype).contiguous(),
         scales,
@@ -414,54 +443,95 @@ def pack_sell(weight: Tensor, dtype: torch.dtype = torch.float32) -> SellWeight:
     )
 
 
+#: What a SELL entry costs in SELL-P layers, for choosing layers: a layer ~1.3 ns, an entry
+#: ~3.4-3.8 ns (one core, batch 1, 384x1536 at 90%, standalone harness of the kernel).
+_ENTRY_COST_IN_LAYERS = 2.75
+#: Most layers a slice stores per block (8 would hold a dense block).
+_MAX_LAYERS = 8
+
+
+def _layers_per_block(lane_block_counts: Tensor) -> Tensor:
+    """Each slice's layers per block, K: the one of 0 .. 8 with the least modelled cost.
+
+    ``lane_block_counts`` ``[slices, 8, blocks]`` holds each lane's nonzeros per block. With
+    K layers a slice stores ``sum over blocks of min(K, most of any lane there)`` layers, and
+    as many entries as its lane with the most nonzeros beyond K per block.
+    """
+    most = lane_block_counts.amax(dim=1)  # [slices, blocks]
+    costs = []
+    for k in range(_MAX_LAYERS + 1):
+        layers = most.clamp(max=k).sum(dim=1)
+        entries = (lane_block_counts - k).clamp(min=0).sum(dim=2).amax(dim=1)
+        costs.append(layers + _ENTRY_COST_IN_LAYERS * entries)
+    return torch.stack(costs, dim=1).argmin(dim=1)
+
+
 @torch.inference_mode(False)
-def pack_sellp(weight: Tensor, dtype: torch.dtype = torch.float32) -> SellpWeight:
+def pack_sellp(weight: Tensor, dtype: torch.dtype = torch.float32, *, layers: int | None = None) -> SellpWeight:
     """Packs a dense weight ``[out, in]`` into SELL-P, keeping its nonzero entries.
 
-    A batch-1 layout without gathers: the kernel holds 8 columns of ``x`` in a register and
-    picks each lane's value with one permute (see ``sparse_sellp.cpp``).
+    A batch-1 layout with fewer gathers than SELL: per block of 8 columns, a slice's first
+    nonzeros are layers, read with one permute of 8 columns of ``x`` held in a register; the
+    rest are SELL entries (see ``sparse_sellp.cpp``).
 
     Args:
         weight: the dense weight; zeros are the pruned entries.
         dtype: ``torch.float32``, or ``torch.int8`` for symmetric per-row int8 values.
+        layers: the most layers a slice stores per block, 0 (all entries: SELL) to 8 (all
+            layers). None chooses per slice by a cost model: one layer per block at 90%
+            sparsity, two or three at 70%.
 
     Returns:
         The packed weight.
     """
+    if layers is not None and not 0 <= layers <= _MAX_LAYERS:
+        raise ValueError(f"layers must be in [0, {_MAX_LAYERS}] or None, got {layers}")
     w = _check_weight(weight, dtype)
     out, inp = w.shape
     n_slices, n_blocks = -(-out // 8), -(-inp // 8)
-    rows, cols = (w != 0).nonzero(as_tuple=True)  # row-major: each row's columns ascending
-    block = cols // 8
-    # Rank of each nonzero among its row's nonzeros in the same column block: its layer
-    # within the (slice, block) group.
+    mask = w != 0
+    row_order, lane_of_row = _sorted_lanes(mask)
+    scales = _row_scales(w) if dtype == torch.int8 else None
+    source = w if scales is None else _quantize_rows(w, scales).float()
+    rows, cols = mask.nonzero(as_tuple=True)  # row-major: each row's columns ascending
+    lane, block = lane_of_row[rows], cols // 8
+    # Rank of each nonzero among its row's nonzeros in the same block: its layer there.
     group = rows * n_blocks + block
     first = torch.ones_like(group, dtype=torch.bool)
     first[1:] = group[1:] != group[:-1]
     starts = torch.nonzero(first).flatten()
-    run = torch.cumsum(first.long(), 0) - 1
-    rank = torch.arange(len(group)) - starts[run]
-    # Layers of each (slice, block): the most nonzeros any of the slice's rows has in the block.
-    slice_block = (rows // 8) * n_blocks + block
-    layers = torch.zeros(n_slices * n_blocks, dtype=torch.int64)
-    layers.scatter_reduce_(0, slice_block, rank + 1, reduce="amax")
-    layer_start = torch.cumsum(layers, 0) - layers  # first layer of each (slice, block)
-    slice_ptr = _row_pointer(layers.view(n_slices, n_blocks).sum(dim=1))
-    total = int(slice_ptr[-1])
-    layer = layer_start[slice_block] + rank
-    scales = _row_scales(w) if dtype == torch.int8 else None
-    source = w if scales is None else _quantize_rows(w, scales).float()
-    layer_block = torch.repeat_interleave(torch.arange(n_blocks).repeat(n_slices), layers)
-    layer_lanes = torch.zeros(total, 8, dtype=torch.uint8)
-    values = torch.zeros(total, 8)
-    layer_lanes[layer, rows % 8] = (cols % 8).to(torch.uint8)
-    values[layer, rows % 8] = source[rows, cols]
-    logger.debug("packed %dx%d weight as SELL-P: %d nonzeros in %d layers, %s", out, inp, len(rows), total, dtype)
+    rank = torch.arange(len(group)) - starts[torch.cumsum(first.long(), 0) - 1]
+    if layers is None:
+        counts = torch.zeros(n_slices * 8 * n_blocks, dtype=torch.int64)
+        counts.index_add_(0, lane * n_blocks + block, torch.ones_like(lane))
+        per_block = _layers_per_block(counts.view(n_slices, 8, n_blocks))
+    else:
+        per_block = torch.full((n_slices,), layers, dtype=torch.int64)
+    in_layer = rank < per_block[lane // 8]
+    # Layers of each (slice, block): the most nonzeros any of the slice's rows has there, at most K.
+    slice_block = ((lane // 8) * n_blocks + block)[in_layer]
+    layer_counts = torch.zeros(n_slices * n_blocks, dtype=torch.int64)
+    layer_counts.scatter_reduce_(0, slice_block, rank[in_layer] + 1, reduce="amax")
+    layer_ptr = _row_pointer(layer_counts.view(n_slices, n_blocks).sum(dim=1))
+    layer = (torch.cumsum(layer_counts, 0) - layer_counts)[slice_block] + rank[in_layer]
+    layer_block = torch.repeat_interleave(torch.arange(n_blocks).repeat(n_slices), layer_counts)
+    layer_lanes = torch.zeros(int(layer_ptr[-1]), 8, dtype=torch.uint8)
+    layer_values = torch.zeros(int(layer_ptr[-1]), 8)
+    layer_lanes[layer, lane[in_layer] % 8] = (cols[in_layer] % 8).to(torch.uint8)
+    layer_values[layer, lane[in_layer] % 8] = source[rows[in_layer], cols[in_layer]]
+    rest = ~in_layer
+    entry_ptr, col_idx, values = _sell_entries(rows[rest], cols[rest], source[rows[rest], cols[rest]], lane_of_row,
+                                               n_slices)
+    logger.debug("packed %dx%d weight as SELL-P: %d nonzeros in %d layers and %d entries, %s", out, inp, len(rows),
+                 len(layer_values), len(values), dtype)
+    index_dtype = _index_dtype(inp)
     return SellpWeight(
-        slice_ptr,
-        layer_block.to(_index_dtype(n_blocks)),
+        torch.stack([layer_ptr, entry_ptr]),
+        layer_block.to(index_dtype),
         layer_lanes,
-        values.to(dtype).contiguous(),
+        row_order,
+        col_idx.to(index_dtype),
+        torch.cat([layer_values, values]).to(dtype),
         scales,
         (out, inp),
     )

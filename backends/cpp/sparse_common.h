@@ -41,12 +41,12 @@ struct SparseProblem {
   const float* scales;     // [out] per-row dequantisation scales, or nullptr
   const float* bias;       // [out] or nullptr
   const int32_t* row_order = nullptr;  // SELL: output row of each slice lane, -1 = padding
-  const uint8_t* lanes = nullptr;      // SELL-P: [layers, 8] column within the layer's block
+  const uint8_t* lanes = nullptr;      // SELL-P's layers: [layers, 8] column within the layer's block
   int64_t m;               // batch rows (all leading dims of x flattened)
   int64_t in;              // in_features
   int64_t out;             // out_features
   int64_t n_groups;        // CSR: out; BSR: ceil(out / R); SELL, SELL-P: ceil(out / 8) slices
-  int64_t nnz;             // CSR: nonzeros; BSR: stored blocks; SELL: slice entries, SELL-P: layers (8 values each)
+  int64_t nnz;             // CSR: nonzeros; BSR: stored blocks; SELL: slice entries, SELL-P: layers or entries (8 values each)
   bool idx16;              // col_idx is int16
   bool val8;               // values are int8 (then scales != nullptr)
 };
@@ -78,7 +78,10 @@ void gelu_forward(const float* x, float* y, int64_t n);
 void csr_forward(const SparseProblem& p, IndexErrors& err);
 void bsr_forward(const SparseProblem& p, int block_r, int block_c, IndexErrors& err);
 void sell_forward(const SparseProblem& p, IndexErrors& err);
-void sellp_forward(const SparseProblem& p, IndexErrors& err);
+// SELL-P: `layers` and `entries` share x, y, row_order and the shapes; their errors are kept
+// apart so that a message can name the bad tensor (layer_block or col_idx).
+void sellp_forward(const SparseProblem& layers, const SparseProblem& entries, IndexErrors& layer_err,
+                   IndexErrors& entry_err);
 
 namespace detail {
 
@@ -131,7 +134,8 @@ struct Scratch {
 // Splits row groups [0, n) into nt parts of equal (nonzeros + kRowCost * rows), with
 // inner boundaries on multiples of 8 so that kernels can finish 8 rows with one vector
 // store. A malformed row_ptr only unbalances the split; the kernels check each row.
-inline std::vector<int64_t> split_rows(const int32_t* rp, int64_t n, int nt) {
+template <typename R>
+inline std::vector<int64_t> split_rows(const R* rp, int64_t n, int nt) {
   std::vector<int64_t> b(nt + 1, n);
   b[0] = 0;
   const int64_t total = static_cast<int64_t>(rp[n]) + kRowCost * n;
@@ -160,8 +164,9 @@ inline void with_tile_width(int64_t m, int64_t in, F&& f) {
 }
 
 // Runs f(begin, end) over balanced row-group ranges, on one thread when the work is small.
-template <typename F>
-inline void parallel_rows(const int32_t* rp, int64_t n, int64_t work, const F& f) {
+// rp: the row groups' cumulative work (a row pointer, or any nondecreasing prefix sum).
+template <typename R, typename F>
+inline void parallel_rows(const R* rp, int64_t n, int64_t work, const F& f) {
   const int nt = plan_threads(work);
   if (nt <= 1 || n < 2) {
     f(int64_t{0}, n);

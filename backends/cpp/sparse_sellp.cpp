@@ -1,22 +1,29 @@
-// SELL-P kernel for y = x W^T (+ b): SELL with permutes, a batch-1 layout without gathers.
+// SELL-P kernel for y = x W^T (+ b): SELL whose slices start with permute layers, a batch-1
+// layout with fewer gathers.
 //
-// Slice s is rows 8s .. 8s+7 (lane r = row 8s + r). The columns are cut into blocks of 8, and
-// each layer of a slice reads one block: its 8 columns of x are one vector load, and one
-// permute (vpermps) gives each lane the column its value multiplies. So a layer is ~4
-// instructions where SELL's entry is 8 scalar loads and the inserts that build a vector (the
-// gathers cost ~0.8 cycles a nonzero on Zen 3 whichever way they are built: scalar inserts,
-// bextr, vgatherdps, broadcast and blend, scalar FMAs, measured). The price is padding: a
-// slice needs as many layers in a block as the most nonzeros any of its 8 rows has there,
-// ~3 nonzeros a layer at 90% sparsity, ~4.5 at 70%. One core, random weights, batch 1
-// (standalone harness against sparse_sell.cpp): 1.28-1.56x as fast at 70%, 1.01-1.27x at 90%.
+// Rows are sorted and cut into slices of 8 as in SELL (row_order maps lanes to rows). The
+// columns are cut into blocks of 8, and a slice's nonzeros go two ways:
+//  * Layers. Each layer reads one block: its 8 columns of x are one vector load, and one
+//    permute (vpermps) gives each lane the column its value multiplies, so a layer is ~4
+//    instructions where a SELL entry is 8 scalar loads and the inserts that build a vector
+//    (the gathers cost ~0.8 cycles a nonzero on Zen 3 whichever way they are built: scalar
+//    inserts, bextr, vgatherdps, broadcast and blend, scalar FMAs, measured). Layer k of a
+//    block holds the k-th nonzero each row has there, so a slice with K layers in a block
+//    covers up to K nonzeros of each of its rows there, and pays for lanes whose row has
+//    fewer: at 90% sparsity the first layer of a block holds ~4.6 nonzeros, a second ~1.5.
+//  * Entries: the nonzeros beyond a slice's layers, as SELL entries (8 gathered columns).
+// pack_sellp picks each slice's layers per block from a cost model (a layer costs about half
+// an entry). One core, batch 1, random MiniLM shapes (standalone harness): at 90% one layer a
+// block, 1.38-1.50x as fast as SELL; at 70% two or three, 1.3-1.45x as fast as all layers.
 //
 // Batch > 1 runs the batch-1 product row by row: the layout is for batch 1, and the backend
 // takes it only where its timing table says it is fastest.
 //
-// Each slice's pointer is checked before the slice is read, and int32 layer blocks too;
-// int16 ones are masked (see column_mask) against an x padded to the mask's range, and the
-// permute reads only the low 3 bits of a lane byte. So malformed data gives an error, or for
-// int16 blocks changed behind the ops' check a wrong result, never an out-of-bounds read.
+// Each slice's pointers are checked before the slice is read, and int32 layer blocks and
+// column indices too; int16 ones are masked (see column_mask) against an x padded to the
+// masks' range, and the permute reads only the low 3 bits of a lane byte. So malformed data
+// gives an error, or for int16 indices changed behind the ops' check a wrong result, never an
+// out-of-bounds read.
 #include "sparse_common.h"
 
 namespace graphopt {
@@ -36,46 +43,90 @@ inline v8f permute8(v8f xb, const uint8_t* lanes) {
 #endif
 }
 
+// Sum of n layers' products for the slice's 8 rows. Apart from entries_dot, with their own
+// accumulators and pointers: in one loop nest the compiler spilled the entries' loop counter to
+// the stack (1.04x SELL's time instead of 1.4x).
 template <typename I, typename V>
-void sellp_rows(const SparseProblem& p, IndexErrors& err) {
-  const I* block = static_cast<const I*>(p.col_idx);
-  const V* val = static_cast<const V*>(p.values);
-  const int64_t n_blocks = (p.in + 7) / 8;
-  const uint32_t mask = column_mask<I>(n_blocks);
-  // x padded with zeros to whole blocks (and for int16, to the mask's range of blocks).
-  const int64_t stride = 8 * (n_blocks + column_guard<I>(n_blocks));
-  const Scratch xp = padded_rows(p, stride);
-  parallel_rows(p.row_ptr, p.n_groups, p.nnz * 8 * p.m, [&](int64_t begin, int64_t end) {
+inline v8f layers_dot(const float* x, const I* block, const uint8_t* lanes, const V* val, int64_t n, uint32_t mask) {
+  // Four accumulators: a layer's FMA waits on its permute, and the permute on two loads.
+  v8f acc[4] = {v8f{}, v8f{}, v8f{}, v8f{}};
+  int64_t k = 0;
+  for (; k + 4 <= n; k += 4) {
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      acc[j] += load8_as_float(val + 8 * (k + j)) * permute8(load8(x + 8 * column(block[k + j], mask)), lanes + 8 * (k + j));
+    }
+  }
+  for (; k < n; ++k) acc[0] += load8_as_float(val + 8 * k) * permute8(load8(x + 8 * column(block[k], mask)), lanes + 8 * k);
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+// Sum of n SELL entries' products for the slice's 8 rows (indices through bextr, see gather8).
+template <typename I, typename V>
+inline v8f entries_dot(const float* x, const I* col, const V* val, int64_t n, uint32_t mask) {
+  v8f a0 = v8f{}, a1 = v8f{};
+  int64_t k = 0;
+  for (; k + 2 <= n; k += 2) {
+    a0 += load8_as_float(val + 8 * k) * gather8<I, true>(x, col + 8 * k, mask);
+    a1 += load8_as_float(val + 8 * k + 8) * gather8<I, true>(x, col + 8 * k + 8, mask);
+  }
+  if (k < n) a0 += load8_as_float(val + 8 * k) * gather8<I, true>(x, col + 8 * k, mask);
+  return a0 + a1;
+}
+
+// A layer costs about this fraction of an entry (measured ~0.5-0.6; see pack_sellp), which
+// balances the slices across threads.
+constexpr int64_t kEntryCostInLayers = 2;
+
+// L: the layers (row_ptr = layer pointer of each slice, col_idx = layer blocks, lanes,
+// values); E: the entries (row_ptr = entry pointer, col_idx, values). Both share row_order.
+template <typename I, typename V>
+void sellp_rows(const SparseProblem& L, const SparseProblem& E, IndexErrors& layer_err, IndexErrors& entry_err) {
+  const I* block = static_cast<const I*>(L.col_idx);
+  const V* lval = static_cast<const V*>(L.values);
+  const I* col = static_cast<const I*>(E.col_idx);
+  const V* eval = static_cast<const V*>(E.values);
+  const int32_t* order = L.row_order;
+  const int64_t n_blocks = (L.in + 7) / 8, slices = L.n_groups;
+  const uint32_t bmask = column_mask<I>(n_blocks), cmask = column_mask<I>(L.in);
+  // x padded with zeros to whole blocks and, for int16, to both masks' ranges.
+  const int64_t stride = std::max(8 * (n_blocks + column_guard<I>(n_blocks)), L.in + column_guard<I>(L.in));
+  const Scratch xp = padded_rows(L, stride);
+  std::fill(L.y, L.y + L.m * L.out, 0.f);  // lanes of a skipped slice stay defined
+  std::vector<int64_t> work(slices + 1);
+  for (int64_t s = 0; s <= slices; ++s) work[s] = int64_t{L.row_ptr[s]} + kEntryCostInLayers * E.row_ptr[s];
+  parallel_rows(work.data(), slices, (L.nnz + 2 * E.nnz) * 8 * L.m, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) {
-      const int64_t k0 = p.row_ptr[s], k1 = p.row_ptr[s + 1];
-      if (k0 < 0 || k0 > k1 || k1 > p.nnz) {
-        err.bad_row_ptr.store(true, std::memory_order_relaxed);
+      const int64_t k0 = L.row_ptr[s], k1 = L.row_ptr[s + 1], e0 = E.row_ptr[s], e1 = E.row_ptr[s + 1];
+      if (k0 < 0 || k0 > k1 || k1 > L.nnz) {
+        layer_err.bad_row_ptr.store(true, std::memory_order_relaxed);
+        continue;
+      }
+      if (e0 < 0 || e0 > e1 || e1 > E.nnz) {
+        entry_err.bad_row_ptr.store(true, std::memory_order_relaxed);
         continue;
       }
       if (sizeof(I) == 4 && max_index(block + k0, k1 - k0) > static_cast<uint32_t>(n_blocks - 1)) {
-        err.bad_col_idx.store(true, std::memory_order_relaxed);
+        layer_err.bad_col_idx.store(true, std::memory_order_relaxed);
         continue;
       }
-      const int nr = static_cast<int>(std::min<int64_t>(8, p.out - 8 * s));
-      for (int64_t b = 0; b < p.m; ++b) {
+      if (sizeof(I) == 4 && max_index(col + 8 * e0, 8 * (e1 - e0)) > static_cast<uint32_t>(L.in - 1)) {
+        entry_err.bad_col_idx.store(true, std::memory_order_relaxed);
+        continue;
+      }
+      for (int64_t b = 0; b < L.m; ++b) {
         const float* x = xp.get() + b * stride;
-        // Four accumulators: a layer's FMA waits on its permute, and the permute on two loads.
-        v8f acc[4] = {v8f{}, v8f{}, v8f{}, v8f{}};
-        int64_t k = k0;
-        for (; k + 4 <= k1; k += 4) {
-#pragma GCC unroll 4
-          for (int j = 0; j < 4; ++j) {
-            const int64_t blk = column(block[k + j], mask);
-            acc[j] += load8_as_float(val + 8 * (k + j)) * permute8(load8(x + 8 * blk), p.lanes + 8 * (k + j));
+        const v8f sums = layers_dot(x, block + k0, L.lanes + 8 * k0, lval + 8 * k0, k1 - k0, bmask) +
+                         entries_dot(x, col + 8 * e0, eval + 8 * e0, e1 - e0, cmask);
+        for (int r = 0; r < 8; ++r) {
+          const int64_t o = order[8 * s + r];
+          if (o < 0) continue;
+          if (o >= L.out) {
+            entry_err.bad_row_order.store(true, std::memory_order_relaxed);
+            continue;
           }
+          L.y[b * L.out + o] = finish(sums[r], L.scales, L.bias, o);
         }
-        for (; k < k1; ++k) {
-          const int64_t blk = column(block[k], mask);
-          acc[0] += load8_as_float(val + 8 * k) * permute8(load8(x + 8 * blk), p.lanes + 8 * k);
-        }
-        const v8f sums = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-        float* y = p.y + b * p.out + 8 * s;
-        for (int r = 0; r < nr; ++r) y[r] = finish(sums[r], p.scales, p.bias, 8 * s + r);
       }
     }
   });
@@ -83,8 +134,11 @@ void sellp_rows(const SparseProblem& p, IndexErrors& err) {
 
 }  // namespace
 
-void sellp_forward(const SparseProblem& p, IndexErrors& err) {
-  detail::with_types(p, [&](auto i, auto v) { sellp_rows<decltype(i), decltype(v)>(p, err); });
+void sellp_forward(const SparseProblem& layers, const SparseProblem& entries, IndexErrors& layer_err,
+                   IndexErrors& entry_err) {
+  detail::with_types(layers, [&](auto i, auto v) {
+    sellp_rows<decltype(i), decltype(v)>(layers, entries, layer_err, entry_err);
+  });
 }
 
 }  // namespace graphopt
