@@ -12,9 +12,11 @@
 //    covers up to K nonzeros of each of its rows there, and pays for lanes whose row has
 //    fewer: at 90% sparsity the first layer of a block holds ~4.6 nonzeros, a second ~1.5.
 //  * Entries: the nonzeros beyond a slice's layers, as SELL entries (8 gathered columns).
-// pack_sellp picks each slice's layers per block from a cost model (a layer costs about half
-// an entry). One core, batch 1, random MiniLM shapes (standalone harness): at 90% one layer a
-// block, 1.38-1.50x as fast as SELL; at 70% two or three, 1.3-1.45x as fast as all layers.
+// pack_sellp picks each slice's layers per block from a cost model (an entry costs ~2.75
+// layers): one layer a block at 90% sparsity, two or three at 70%, four or five at 50%.
+// Batch 1, random MiniLM shapes, through the op (1 and 2 threads, 15-21 interleaved rounds):
+// at 90% 0.93-1.03x SELL's time; at 70% 0.73-0.81x SELL's and 0.94-0.97x that of layers only
+// (the SELL-P of before, which this generalises: layers=8); at 50% 0.70-0.81x SELL's.
 //
 // Batch > 1 runs the batch-1 product row by row: the layout is for batch 1, and the backend
 // takes it only where its timing table says it is fastest.
@@ -74,9 +76,9 @@ inline v8f entries_dot(const float* x, const I* col, const V* val, int64_t n, ui
   return a0 + a1;
 }
 
-// A layer costs about this fraction of an entry (measured ~0.5-0.6; see pack_sellp), which
-// balances the slices across threads.
-constexpr int64_t kEntryCostInLayers = 2;
+// What an entry costs in layers (~2.75 measured, see pack_sellp), to balance the slices across
+// threads.
+constexpr int64_t kEntryCostInLayers = 3;
 
 // L: the layers (row_ptr = layer pointer of each slice, col_idx = layer blocks, lanes,
 // values); E: the entries (row_ptr = entry pointer, col_idx, values). Both share row_order.
