@@ -466,6 +466,35 @@ inline v8f load8_as_float(const V* p) {
   }
 }
 
+// Sum of n SELL entries' products for a slice's 8 rows (lane r = row r): each entry is 8
+// column indices c and 8 values v, one per lane. Two accumulators so that consecutive FMAs do
+// not wait on each other; indices through bextr (see gather8).
+template <typename I, typename V>
+inline v8f sell_entries_dot(const float* x, const I* c, const V* v, int64_t n, uint32_t mask) {
+  v8f a0 = v8f{}, a1 = v8f{};
+  int64_t k = 0;
+  for (; k + 2 <= n; k += 2) {
+    a0 += load8_as_float(v + 8 * k) * gather8<I, true>(x, c + 8 * k, mask);
+    a1 += load8_as_float(v + 8 * k + 8) * gather8<I, true>(x, c + 8 * k + 8, mask);
+  }
+  if (k < n) a0 += load8_as_float(v + 8 * k) * gather8<I, true>(x, c + 8 * k, mask);
+  return a0 + a1;
+}
+
+// Stores a slice's 8 sums for batch row b to their output rows rows[r] (SELL's row_order: -1
+// for padding lanes; one outside [0, out) is recorded as an error).
+inline void store_slice(v8f sums, const int32_t* rows, const SparseProblem& p, int64_t b, IndexErrors& err) {
+  for (int r = 0; r < 8; ++r) {
+    const int64_t o = rows[r];
+    if (o < 0) continue;
+    if (o >= p.out) {
+      err.bad_row_order.store(true, std::memory_order_relaxed);
+      continue;
+    }
+    p.y[b * p.out + o] = finish(sums[r], p.scales, p.bias, o);
+  }
+}
+
 // Finishes a block of outputs: res[r][j] is output row o0 + r (r < nr) for batch row
 // b0 + j (j < nb). One transpose turns it into 8 contiguous outputs per batch row, so
 // scale and bias are applied and stored as vectors instead of 64 strided scalars.

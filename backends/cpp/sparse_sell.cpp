@@ -61,26 +61,7 @@ void sell_rows(const SparseProblem& p, IndexErrors& err) {
   const float* x = rows_for_gather<I>(p, copy, stride);
   for_each_slice<I, V>(p, err, [&](int64_t s, const I* c, const V* v, int64_t n) {
     for (int64_t b = 0; b < p.m; ++b) {
-      const float* xb = x + b * stride;
-      // Two accumulators so that consecutive FMAs do not wait on each other; indices through
-      // bextr (see gather8).
-      v8f a0 = v8f{}, a1 = v8f{};
-      int64_t k = 0;
-      for (; k + 2 <= n; k += 2) {
-        a0 += load8_as_float(v + 8 * k) * gather8<I, true>(xb, c + 8 * k, mask);
-        a1 += load8_as_float(v + 8 * k + 8) * gather8<I, true>(xb, c + 8 * k + 8, mask);
-      }
-      if (k < n) a0 += load8_as_float(v + 8 * k) * gather8<I, true>(xb, c + 8 * k, mask);
-      const v8f sums = a0 + a1;
-      for (int r = 0; r < 8; ++r) {
-        const int64_t o = order[8 * s + r];
-        if (o < 0) continue;
-        if (o >= p.out) {
-          err.bad_row_order.store(true, std::memory_order_relaxed);
-          continue;
-        }
-        p.y[b * p.out + o] = finish(sums[r], p.scales, p.bias, o);
-      }
+      store_slice(sell_entries_dot(x + b * stride, c, v, n, mask), order + 8 * s, p, b, err);
     }
   });
 }

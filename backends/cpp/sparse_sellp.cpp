@@ -45,9 +45,8 @@ inline v8f permute8(v8f xb, const uint8_t* lanes) {
 #endif
 }
 
-// Sum of n layers' products for the slice's 8 rows. Apart from entries_dot, with their own
-// accumulators and pointers: in one loop nest the compiler spilled the entries' loop counter to
-// the stack (1.04x SELL's time instead of 1.4x).
+// Sum of n layers' products for the slice's 8 rows. Apart from sell_entries_dot, with their own
+// accumulators and pointers: in one loop nest GCC spilled the entries' loop counter to the stack.
 template <typename I, typename V>
 inline v8f layers_dot(const float* x, const I* block, const uint8_t* lanes, const V* val, int64_t n, uint32_t mask) {
   // Four accumulators: a layer's FMA waits on its permute, and the permute on two loads.
@@ -61,19 +60,6 @@ inline v8f layers_dot(const float* x, const I* block, const uint8_t* lanes, cons
   }
   for (; k < n; ++k) acc[0] += load8_as_float(val + 8 * k) * permute8(load8(x + 8 * column(block[k], mask)), lanes + 8 * k);
   return (acc[0] + acc[1]) + (acc[2] + acc[3]);
-}
-
-// Sum of n SELL entries' products for the slice's 8 rows (indices through bextr, see gather8).
-template <typename I, typename V>
-inline v8f entries_dot(const float* x, const I* col, const V* val, int64_t n, uint32_t mask) {
-  v8f a0 = v8f{}, a1 = v8f{};
-  int64_t k = 0;
-  for (; k + 2 <= n; k += 2) {
-    a0 += load8_as_float(val + 8 * k) * gather8<I, true>(x, col + 8 * k, mask);
-    a1 += load8_as_float(val + 8 * k + 8) * gather8<I, true>(x, col + 8 * k + 8, mask);
-  }
-  if (k < n) a0 += load8_as_float(val + 8 * k) * gather8<I, true>(x, col + 8 * k, mask);
-  return a0 + a1;
 }
 
 // What an entry costs in layers (~2.75 measured, see pack_sellp), to balance the slices across
@@ -119,16 +105,8 @@ void sellp_rows(const SparseProblem& L, const SparseProblem& E, IndexErrors& lay
       for (int64_t b = 0; b < L.m; ++b) {
         const float* x = xp.get() + b * stride;
         const v8f sums = layers_dot(x, block + k0, L.lanes + 8 * k0, lval + 8 * k0, k1 - k0, bmask) +
-                         entries_dot(x, col + 8 * e0, eval + 8 * e0, e1 - e0, cmask);
-        for (int r = 0; r < 8; ++r) {
-          const int64_t o = order[8 * s + r];
-          if (o < 0) continue;
-          if (o >= L.out) {
-            entry_err.bad_row_order.store(true, std::memory_order_relaxed);
-            continue;
-          }
-          L.y[b * L.out + o] = finish(sums[r], L.scales, L.bias, o);
-        }
+                         sell_entries_dot(x, col + 8 * e0, eval + 8 * e0, e1 - e0, cmask);
+        store_slice(sums, order + 8 * s, L, b, entry_err);
       }
     }
   });
