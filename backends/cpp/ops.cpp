@@ -135,7 +135,7 @@ const at::Tensor& bias_only(Prepared& r) {
   return r.y;
 }
 
-// Output for a weight with no stored values, or no batch rows, filled in: true.
+// Fills in the output of a weight with no stored values, or of no batch rows: true if it did.
 bool trivial(Prepared& r) {
   if (r.p.m != 0 && r.p.nnz != 0) return false;
   bias_only(r);

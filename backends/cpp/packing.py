@@ -502,8 +502,8 @@ def pack_sellp(weight: Tensor, dtype: torch.dtype = torch.float32, *, layers: in
     starts = torch.nonzero(first).flatten()
     rank = torch.arange(len(group)) - starts[torch.cumsum(first.long(), 0) - 1]
     if layers is None:
-        counts = torch.zeros(n_slices * 8 * n_blocks, dtype=torch.int64)
-        counts.index_add_(0, lane * n_blocks + block, torch.ones_like(lane))
+        counts = torch.zeros(n_slices * 8 * n_blocks, dtype=torch.int16)  # at most 8 a block
+        counts.index_add_(0, lane * n_blocks + block, torch.ones(len(lane), dtype=torch.int16))
         per_block = _layers_per_block(counts.view(n_slices, 8, n_blocks))
     else:
         per_block = torch.full((n_slices,), layers, dtype=torch.int64)
