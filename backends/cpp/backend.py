@@ -48,7 +48,7 @@ import logging
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -74,27 +74,20 @@ class SparseLinear(nn.Module):
     The packed tensors are buffers, so ``torch.export`` saves them with the program.
     """
 
-    #: The packed tensors each layout's op takes, in schema order (before scales and bias).
-    FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "csr": ("row_ptr", "col_idx", "values"),
-        "bsr": ("row_ptr", "col_idx", "values"),
-        "sell": ("slice_ptr", "row_order", "col_idx", "values"),
-        "sellp": ("slice_ptr", "layer_block", "layer_lanes", "row_order", "col_idx", "values"),
-    }
-
     def __init__(self, packed: CsrWeight | BsrWeight | SellWeight | SellpWeight, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = packed.shape
-        self.layout = {CsrWeight: "csr", BsrWeight: "bsr", SellWeight: "sell", SellpWeight: "sellp"}[type(packed)]
+        self.layout = packed.LAYOUT
+        self.fields = packed.OP_FIELDS
         self.int8 = packed.scales is not None
-        for field in self.FIELDS[self.layout]:
+        for field in self.fields:
             self.register_buffer(field, getattr(packed, field))
         self.register_buffer("scales", packed.scales if self.int8 else torch.ones(0))
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         op = getattr(torch.ops.graphopt, f"{self.layout}_linear{'_int8' if self.int8 else ''}").default
-        packed = [getattr(self, field) for field in self.FIELDS[self.layout]]
+        packed = [getattr(self, field) for field in self.fields]
         if self.int8:
             packed.append(self.scales)
         return op(x, *packed, self.bias, self.out_features)

@@ -53,7 +53,10 @@ Layouts (W is ``[out_features, in_features]``; ``y = x @ W.T + b``):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -79,10 +82,28 @@ _INT32_MAX = 2**31 - 1
 
 
 class _Packed:
-    """What every packed weight has: ``values`` and ``shape``, and tensor fields to count."""
+    """What every packed weight has: ``values`` and ``shape``, tensor fields to count, and the
+    op that multiplies by it."""
+
+    #: The layout's name, and its op's: ``graphopt::<LAYOUT>_linear`` (``_int8`` for int8 values).
+    LAYOUT: ClassVar[str]
+    #: The packed tensors that op takes after ``x``, in schema order (before scales and bias).
+    OP_FIELDS: ClassVar[tuple[str, ...]]
 
     values: Tensor
+    scales: Tensor | None
     shape: tuple[int, int]
+
+    @functools.cached_property
+    def linear_call(self) -> tuple[Callable[..., Tensor], tuple[Tensor, ...], int]:
+        """``(op, tensors, out_features)``: ``op(x, *tensors, bias, out_features)`` is
+        ``x @ W.T + bias``. Computed once per weight: looking the op and its tensors up on
+        every call cost ~0.9 us of a ~5 us batch-1 call from Python (an 8x8 weight)."""
+        name = f"{self.LAYOUT}_linear" + ("_int8" if self.scales is not None else "")
+        tensors = tuple(getattr(self, f) for f in self.OP_FIELDS)
+        if self.scales is not None:
+            tensors += (self.scales,)
+        return getattr(torch.ops.graphopt, name).default, tensors, self.shape[0]
 
     @property
     def nnz(self) -> int:
@@ -109,6 +130,9 @@ class CsrWeight(_Packed):
             else None.
         shape: ``(out_features, in_features)``.
     """
+
+    LAYOUT: ClassVar[str] = "csr"
+    OP_FIELDS: ClassVar[tuple[str, ...]] = ("row_ptr", "col_idx", "values")
 
     row_ptr: Tensor
     col_idx: Tensor
@@ -142,6 +166,9 @@ class BsrWeight(_Packed):
         scales: float32 ``[out]`` when ``values`` is int8, else None.
         shape: ``(out_features, in_features)``.
     """
+
+    LAYOUT: ClassVar[str] = "bsr"
+    OP_FIELDS: ClassVar[tuple[str, ...]] = ("row_ptr", "col_idx", "values")
 
     row_ptr: Tensor
     col_idx: Tensor
@@ -183,6 +210,9 @@ class SellWeight(_Packed):
         shape: ``(out_features, in_features)``.
     """
 
+    LAYOUT: ClassVar[str] = "sell"
+    OP_FIELDS: ClassVar[tuple[str, ...]] = ("slice_ptr", "row_order", "col_idx", "values")
+
     slice_ptr: Tensor
     row_order: Tensor
     col_idx: Tensor
@@ -223,6 +253,9 @@ class SellpWeight(_Packed):
         scales: float32 ``[out]`` when the values are int8, else None.
         shape: ``(out_features, in_features)``.
     """
+
+    LAYOUT: ClassVar[str] = "sellp"
+    OP_FIELDS: ClassVar[tuple[str, ...]] = ("slice_ptr", "layer_block", "layer_lanes", "row_order", "col_idx", "values")
 
     slice_ptr: Tensor
     layer_block: Tensor
