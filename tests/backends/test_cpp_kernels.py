@@ -314,6 +314,18 @@ def test_packing_under_inference_mode_gives_tensors_with_versions() -> None:
         assert len(tensors) >= 3 and not any(t.is_inference() for t in tensors)
 
 
+def test_sparse_linear_takes_the_layouts_op_and_rejects_other_weights(kernels) -> None:
+    w = _weight(16, 40, 0.5, seed=5)
+    for pack in (pack_csr, lambda t, d: pack_bsr(t, (4, 4), d), pack_sell, pack_sellp):
+        for dtype, suffix in ((torch.float32, ""), (torch.int8, "_int8")):
+            packed = pack(w, dtype)
+            op, tensors, out = packed.linear_call
+            assert op is getattr(torch.ops.graphopt, f"{packed.LAYOUT}_linear{suffix}").default and out == 16
+            assert len(tensors) == len(packed.OP_FIELDS) + (dtype == torch.int8)
+    with pytest.raises(TypeError, match="got Tensor"):
+        sparse_linear(torch.randn(2, 40), w)
+
+
 def test_sellp_layers_hold_each_rows_first_nonzeros_in_a_block_and_entries_the_rest() -> None:
     w = torch.zeros(10, 20)
     w[0, [1, 4, 6]] = 1.0  # row 0: three nonzeros in block 0 (columns 0-7)
