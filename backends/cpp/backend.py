@@ -61,6 +61,7 @@ from graphopt.sparsity import SPARSITY_KEY, KernelChoice, KernelTable
 
 from .build import load_extension
 from .ops import BsrWeight, CsrWeight, SellpWeight, SellWeight, c_shim_declarations, pack_weight
+from .packing import linear_op
 
 __all__ = ["AOT_PACKAGE_NAME", "CppBackend", "CppExecutable", "SparseLinear", "compile_ahead_of_time", "load_cpp",
            "lower_attention", "lower_gelu", "lower_sparse_linears"]
@@ -78,7 +79,7 @@ class SparseLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = packed.shape
         self.layout = packed.LAYOUT
-        self.fields = packed.OP_FIELDS
+        self.fields = packed.op_fields
         self.int8 = packed.scales is not None
         for field in self.fields:
             self.register_buffer(field, getattr(packed, field))
@@ -86,7 +87,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        op = getattr(torch.ops.graphopt, f"{self.layout}_linear{'_int8' if self.int8 else ''}").default
+        op = linear_op(self.layout, int8=self.int8)
         packed = [getattr(self, field) for field in self.fields]
         if self.int8:
             packed.append(self.scales)

@@ -67,6 +67,7 @@ __all__ = [
     "CsrWeight",
     "SellWeight",
     "SellpWeight",
+    "linear_op",
     "pack_bsr",
     "pack_csr",
     "pack_sell",
@@ -81,29 +82,51 @@ INT16_INDEX_LIMIT = 32767
 _INT32_MAX = 2**31 - 1
 
 
+def linear_op(layout: str, *, int8: bool) -> Callable[..., Tensor]:
+    """The op for weights packed in ``layout``: ``graphopt::<layout>_linear[_int8]``."""
+    return getattr(torch.ops.graphopt, f"{layout}_linear{'_int8' if int8 else ''}").default
+
+
+def _owners(ptr: Tensor) -> Tensor:
+    """For a row pointer ``ptr`` (of rows, block rows or slices), the group each stored item is in."""
+    counts = (ptr[1:] - ptr[:-1]).long()
+    return torch.repeat_interleave(torch.arange(len(counts)), counts)
+
+
+def _rank_in_runs(keys: Tensor) -> Tensor:
+    """The position of each element of ``keys`` within its run of equal consecutive keys."""
+    first = torch.ones_like(keys, dtype=torch.bool)
+    first[1:] = keys[1:] != keys[:-1]
+    starts = torch.nonzero(first).flatten()
+    return torch.arange(len(keys)) - starts[torch.cumsum(first.long(), 0) - 1]
+
+
 class _Packed:
     """What every packed weight has: ``values`` and ``shape``, tensor fields to count, and the
     op that multiplies by it."""
 
     #: The layout's name, and its op's: ``graphopt::<LAYOUT>_linear`` (``_int8`` for int8 values).
     LAYOUT: ClassVar[str]
-    #: The packed tensors that op takes after ``x``, in schema order (before scales and bias).
-    OP_FIELDS: ClassVar[tuple[str, ...]]
 
     values: Tensor
     scales: Tensor | None
     shape: tuple[int, int]
+
+    @property
+    def op_fields(self) -> tuple[str, ...]:
+        """The packed tensors the layout's op takes after ``x``: the fields before ``scales``,
+        which are declared in schema order."""
+        return tuple(f.name for f in dataclasses.fields(self) if f.name not in ("scales", "shape"))  # type: ignore[arg-type]
 
     @functools.cached_property
     def linear_call(self) -> tuple[Callable[..., Tensor], tuple[Tensor, ...], int]:
         """``(op, tensors, out_features)``: ``op(x, *tensors, bias, out_features)`` is
         ``x @ W.T + bias``. Computed once per weight: looking the op and its tensors up on
         every call cost ~0.9 us of a ~5 us batch-1 call from Python (an 8x8 weight)."""
-        name = f"{self.LAYOUT}_linear" + ("_int8" if self.scales is not None else "")
-        tensors = tuple(getattr(self, f) for f in self.OP_FIELDS)
+        tensors = tuple(getattr(self, f) for f in self.op_fields)
         if self.scales is not None:
             tensors += (self.scales,)
-        return getattr(torch.ops.graphopt, name).default, tensors, self.shape[0]
+        return linear_op(self.LAYOUT, int8=self.scales is not None), tensors, self.shape[0]
 
     @property
     def nnz(self) -> int:
@@ -132,7 +155,6 @@ class CsrWeight(_Packed):
     """
 
     LAYOUT: ClassVar[str] = "csr"
-    OP_FIELDS: ClassVar[tuple[str, ...]] = ("row_ptr", "col_idx", "values")
 
     row_ptr: Tensor
     col_idx: Tensor
@@ -143,9 +165,7 @@ class CsrWeight(_Packed):
     def to_dense(self) -> Tensor:
         """The float32 weight this packing represents (dequantised when int8)."""
         out, inp = self.shape
-        rows = torch.repeat_interleave(
-            torch.arange(out), (self.row_ptr[1:] - self.row_ptr[:-1]).long()
-        )
+        rows = _owners(self.row_ptr)
         vals = self.values.float()
         if self.scales is not None:
             vals = vals * self.scales[rows]
@@ -168,7 +188,6 @@ class BsrWeight(_Packed):
     """
 
     LAYOUT: ClassVar[str] = "bsr"
-    OP_FIELDS: ClassVar[tuple[str, ...]] = ("row_ptr", "col_idx", "values")
 
     row_ptr: Tensor
     col_idx: Tensor
@@ -186,9 +205,7 @@ class BsrWeight(_Packed):
         out, inp = self.shape
         r, c = self.block
         n_br, n_bc = len(self.row_ptr) - 1, -(-inp // c)
-        brow = torch.repeat_interleave(
-            torch.arange(n_br), (self.row_ptr[1:] - self.row_ptr[:-1]).long()
-        )
+        brow = _owners(self.row_ptr)
         blocks = torch.zeros(n_br, n_bc, r, c)
         blocks[brow, self.col_idx.long()] = self.values.float()
         dense = blocks.permute(0, 2, 1, 3).reshape(n_br * r, n_bc * c)[:out, :inp].clone()
@@ -211,7 +228,6 @@ class SellWeight(_Packed):
     """
 
     LAYOUT: ClassVar[str] = "sell"
-    OP_FIELDS: ClassVar[tuple[str, ...]] = ("slice_ptr", "row_order", "col_idx", "values")
 
     slice_ptr: Tensor
     row_order: Tensor
@@ -223,9 +239,7 @@ class SellWeight(_Packed):
     def to_dense(self) -> Tensor:
         """The float32 weight this packing represents (dequantised when int8)."""
         out, inp = self.shape
-        slice_of_entry = torch.repeat_interleave(
-            torch.arange(len(self.slice_ptr) - 1), (self.slice_ptr[1:] - self.slice_ptr[:-1]).long()
-        )
+        slice_of_entry = _owners(self.slice_ptr)
         rows = self.row_order.long().view(-1, 8)[slice_of_entry]  # [entries, 8]
         live = rows >= 0
         dense = torch.zeros(out, inp)
@@ -255,7 +269,6 @@ class SellpWeight(_Packed):
     """
 
     LAYOUT: ClassVar[str] = "sellp"
-    OP_FIELDS: ClassVar[tuple[str, ...]] = ("slice_ptr", "layer_block", "layer_lanes", "row_order", "col_idx", "values")
 
     slice_ptr: Tensor
     layer_block: Tensor
@@ -271,9 +284,7 @@ class SellpWeight(_Packed):
         layers = len(self.layer_block)
         entries = SellWeight(self.slice_ptr[1], self.row_order, self.col_idx, self.values[layers:], None, self.shape)
         dense = entries.to_dense()
-        layer_ptr = self.slice_ptr[0].long()
-        slice_of_layer = torch.repeat_interleave(torch.arange(len(layer_ptr) - 1), layer_ptr[1:] - layer_ptr[:-1])
-        rows = self.row_order.long().view(-1, 8)[slice_of_layer]  # [layers, 8]
+        rows = self.row_order.long().view(-1, 8)[_owners(self.slice_ptr[0])]  # [layers, 8]
         cols = self.layer_block.long()[:, None] * 8 + self.layer_lanes.long()
         live = rows >= 0
         # Padding lanes (value 0) may repeat a stored position: add, not assign.
@@ -431,10 +442,7 @@ def _sell_entries(rows: Tensor, cols: Tensor, values: Tensor, lane_of_row: Tenso
     lane = lane_of_row[rows]
     widths = torch.bincount(lane, minlength=n_slices * 8).view(n_slices, 8).amax(dim=1)
     slice_ptr = _row_pointer(widths)
-    # position of each nonzero within its row
-    row_counts = torch.bincount(rows, minlength=len(lane_of_row))
-    within = torch.arange(len(rows)) - (torch.cumsum(row_counts, 0) - row_counts)[rows]
-    entry = slice_ptr.long()[lane // 8] + within
+    entry = slice_ptr.long()[lane // 8] + _rank_in_runs(rows)  # the nonzero's place in its row
     col_idx = torch.zeros(int(slice_ptr[-1]), 8, dtype=torch.int64)
     stored = torch.zeros(int(slice_ptr[-1]), 8)
     col_idx[entry, lane % 8] = cols
@@ -529,11 +537,7 @@ def pack_sellp(weight: Tensor, dtype: torch.dtype = torch.float32, *, layers: in
     rows, cols = mask.nonzero(as_tuple=True)  # row-major: each row's columns ascending
     lane, block = lane_of_row[rows], cols // 8
     # Rank of each nonzero among its row's nonzeros in the same block: its layer there.
-    group = rows * n_blocks + block
-    first = torch.ones_like(group, dtype=torch.bool)
-    first[1:] = group[1:] != group[:-1]
-    starts = torch.nonzero(first).flatten()
-    rank = torch.arange(len(group)) - starts[torch.cumsum(first.long(), 0) - 1]
+    rank = _rank_in_runs(rows * n_blocks + block)
     if layers is None:
         counts = torch.zeros(n_slices * 8 * n_blocks, dtype=torch.int16)  # at most 8 a block
         counts.index_add_(0, lane * n_blocks + block, torch.ones(len(lane), dtype=torch.int16))

@@ -321,7 +321,9 @@ def test_sparse_linear_takes_the_layouts_op_and_rejects_other_weights(kernels) -
             packed = pack(w, dtype)
             op, tensors, out = packed.linear_call
             assert op is getattr(torch.ops.graphopt, f"{packed.LAYOUT}_linear{suffix}").default and out == 16
-            assert len(tensors) == len(packed.OP_FIELDS) + (dtype == torch.int8)
+            names = [a.name for a in op._schema.arguments]
+            assert names[1:len(tensors) + 1] == [*packed.op_fields, *(["scales"] if dtype == torch.int8 else [])]
+            assert all(t is getattr(packed, n) for t, n in zip(tensors, names[1:]))
     with pytest.raises(TypeError, match="got Tensor"):
         sparse_linear(torch.randn(2, 40), w)
 
@@ -382,19 +384,10 @@ def test_csr_rows_are_padded_with_zeros_to_the_row_multiple(row_multiple) -> Non
         assert e == s or (cols[n:] == cols[n - 1]).all()
 
 
-def _op_args(kind: str, x: torch.Tensor, packed: CsrWeight | BsrWeight | SellWeight | SellpWeight,
-             bias: torch.Tensor | None):
-    out = packed.shape[0]
-    if isinstance(packed, SellWeight):
-        base = (x, packed.slice_ptr, packed.row_order, packed.col_idx, packed.values)
-    elif isinstance(packed, SellpWeight):
-        base = (x, packed.slice_ptr, packed.layer_block, packed.layer_lanes, packed.row_order, packed.col_idx,
-                packed.values)
-    else:
-        base = (x, packed.row_ptr, packed.col_idx, packed.values)
-    if packed.scales is not None:
-        return (*base, packed.scales, bias, out)
-    return (*base, bias, out)
+def _op_args(x: torch.Tensor, packed: CsrWeight | BsrWeight | SellWeight | SellpWeight,
+             bias: torch.Tensor | None) -> tuple:
+    _, tensors, out = packed.linear_call
+    return (x, *tensors, bias, out)
 
 
 @pytest.mark.parametrize(
@@ -415,7 +408,7 @@ def test_fake_matches_real(kernels, name, pack) -> None:
     packed = pack(w)
     op = getattr(torch.ops.graphopt, name).default
     for x in (torch.randn(3, 40), torch.randn(2, 5, 40)):
-        args = _op_args(name, x, packed, torch.randn(24))
+        args = _op_args(x, packed, torch.randn(24))
         # Checks the schema, fake-vs-real output metadata, and tracing through AOT dispatch.
         torch.library.opcheck(op, args)
         with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
