@@ -215,9 +215,21 @@ def lower_gelu(exported: torch.export.ExportedProgram) -> int:
 
 #: File name of the AOTInductor package (compiled code, no weights) beside ``model.pt2``.
 AOT_PACKAGE_NAME = "model.aoti.pt2"
-#: ``torch.backends.cpu.get_cpu_capability()`` levels, lowest first: code compiled for one
-#: runs on the host only if the host's level is the same or higher.
-_ISA_LEVELS = ("DEFAULT", "AVX2", "AVX512")
+#: The host checks for each word of an AOTInductor package's ISA (``AOTI_CPU_ISA``: Inductor's
+#: vector ISA upper-cased, such as "AVX2" or "AVX512 AVX512_VNNI"): compiled code runs on the
+#: host only if it has every one of them.
+_ISA_FEATURES: dict[str, Callable[[], bool]] = {
+    "DEFAULT": lambda: True,
+    "AVX2": torch.cpu._is_avx2_supported,
+    "AVX512": torch.cpu._is_avx512_supported,
+    "AVX512_VNNI": torch.cpu._is_vnni_supported,
+    "AMX_TILE": torch.cpu._is_amx_tile_supported,
+}
+
+
+def _runs_here(isa: str) -> bool:
+    """Whether this host has every feature of an AOTInductor package's ISA (an unknown one: no)."""
+    return all(word in _ISA_FEATURES and _ISA_FEATURES[word]() for word in isa.split())
 
 
 def compile_ahead_of_time(exported: torch.export.ExportedProgram) -> tuple[Any, bytes]:
@@ -238,10 +250,10 @@ def _load_package(package: Path, exported: torch.export.ExportedProgram) -> Any:
     import torch._inductor
 
     runner = torch._inductor.aoti_load_package(str(package))
-    isa, host = runner.get_metadata().get("AOTI_CPU_ISA", "DEFAULT"), torch.backends.cpu.get_cpu_capability()
-    levels = {name: rank for rank, name in enumerate(_ISA_LEVELS)}
-    if levels.get(isa, len(levels)) > levels.get(host, 0):
-        raise RuntimeError(f"{package} was compiled for {isa} and this CPU has {host}")
+    isa = runner.get_metadata().get("AOTI_CPU_ISA", "DEFAULT")
+    if not _runs_here(isa):
+        host = torch.backends.cpu.get_cpu_capability()
+        raise RuntimeError(f"{package} was compiled for {isa}, which this CPU ({host}) lacks")
     weights = {**exported.state_dict, **exported.constants}
     missing = [name for name in runner.get_constant_fqns() if name not in weights]
     if missing:

@@ -121,6 +121,20 @@ def compiled_int8(pruned: Program, table: str, tmp_path_factory):
     return executable, executable.save(tmp_path_factory.mktemp("aot") / "out")
 
 
+def test_aot_package_runs_only_where_the_cpu_has_every_feature_of_its_isa() -> None:
+    """A package's ISA (Inductor's, such as "AVX512 AVX512_VNNI") is checked word by word: an
+    AVX-512 host without VNNI must refuse VNNI code, and an unknown feature is refused."""
+    import torch
+    import torch._inductor.cpu_vec_isa
+
+    from graphopt.backends.cpp.backend import _runs_here
+
+    assert _runs_here("DEFAULT")
+    assert not _runs_here("AVX2 NOT_A_FEATURE")
+    assert _runs_here("AVX512 AVX512_VNNI") == (torch.cpu._is_avx512_supported() and torch.cpu._is_vnni_supported())
+    assert _runs_here(str(torch._inductor.cpu_vec_isa.pick_vec_isa()).upper())  # what Inductor builds here
+
+
 def test_model_pt2_loads_in_a_new_process_and_matches(pruned: Program, table: str, compiled_int8, tmp_path) -> None:
     """The default lowering compiles ahead of time (AOTInductor) and saves model.pt2 plus the
     compiled code without weights; a new process runs it when trusted, the exported graph when
@@ -163,12 +177,13 @@ def test_model_pt2_loads_in_a_new_process_and_matches(pruned: Program, table: st
 
 def test_compiled_code_for_a_missing_instruction_set_is_not_run(pruned: Program, compiled_int8, monkeypatch,
                                                                 caplog) -> None:
-    from graphopt.backends.cpp.backend import load_cpp
+    from graphopt.backends.cpp import backend
 
     executable, path = compiled_int8
+    monkeypatch.setattr(backend, "_ISA_FEATURES", {"DEFAULT": lambda: True})
     monkeypatch.setattr("torch.backends.cpu.get_cpu_capability", lambda: "DEFAULT")
-    loaded = load_cpp(path, trust_native_code=True)
-    assert loaded.notes["runs"] == "exported graph (eager)" and "this CPU has DEFAULT" in caplog.text
+    loaded = backend.load_cpp(path, trust_native_code=True)
+    assert loaded.notes["runs"] == "exported graph (eager)" and "which this CPU (DEFAULT) lacks" in caplog.text
     np.testing.assert_allclose(loaded(**pruned.example_inputs)[0], executable(**pruned.example_inputs)[0],
                                rtol=0, atol=1e-5)
 
