@@ -143,11 +143,11 @@ bool trivial(Prepared& r) {
   return true;
 }
 
-// SELL's and SELL-P's row_order [8 * slices] (int32; its values are checked by the kernels).
-const int32_t* checked_row_order(const char* op, const at::Tensor& row_order, int64_t slices) {
+// SELL's and SELL-P's row_order [lanes * slices] (int32; its values are checked by the kernels).
+const int32_t* checked_row_order(const char* op, const at::Tensor& row_order, int64_t slices, int64_t lanes) {
   TORCH_CHECK(row_order.scalar_type() == at::kInt && row_order.dim() == 1 && row_order.is_contiguous() &&
-                  row_order.numel() == slices * 8,
-              op, ": row_order must be a contiguous 1-D int32 tensor of ", slices * 8, " entries");
+                  row_order.numel() == slices * lanes,
+              op, ": row_order must be a contiguous 1-D int32 tensor of ", slices * lanes, " entries");
   return row_order.data_ptr<int32_t>();
 }
 
@@ -257,7 +257,7 @@ at::Tensor sell_impl(const char* op, const at::Tensor& x, const at::Tensor& slic
   TORCH_CHECK(values.dim() == 2 && values.size(1) == 8, op,
               ": values must be [entries, 8] (pack with pack_sell), got shape ", values.sizes());
   const int64_t slices = (out_features + 7) / 8;
-  const int32_t* order = checked_row_order(op, row_order, slices);
+  const int32_t* order = checked_row_order(op, row_order, slices, 8);
   Prepared r = prepare(op, x, slice_ptr, col_idx, values, scales, bias, out_features, slices,
                        values.size(0), 8);
   r.p.row_order = order;
@@ -273,37 +273,42 @@ at::Tensor sellp_impl(const char* op, const at::Tensor& x, const at::Tensor& sli
                       const at::Tensor& layer_lanes, const at::Tensor& row_order, const at::Tensor& col_idx,
                       const at::Tensor& values, const std::optional<at::Tensor>& scales,
                       const std::optional<at::Tensor>& bias, int64_t out_features) {
-  const int64_t slices = (out_features + 7) / 8;
-  TORCH_CHECK(slice_ptr.scalar_type() == at::kInt && slice_ptr.dim() == 2 && slice_ptr.size(0) == 2 &&
+  constexpr int64_t lanes = 16, block = 32;  // rows per slice, columns per block (sparse_sellp.cpp)
+  const int64_t slices = (out_features + lanes - 1) / lanes;
+  TORCH_CHECK(slice_ptr.scalar_type() == at::kInt && slice_ptr.dim() == 2 && slice_ptr.size(0) == 3 &&
                   slice_ptr.size(1) == slices + 1 && slice_ptr.is_contiguous(),
-              op, ": slice_ptr must be a contiguous int32 tensor of shape [2, ", slices + 1, "] (pack with pack_sellp)");
-  const int32_t* layer_ptr = slice_ptr.data_ptr<int32_t>();
+              op, ": slice_ptr must be a contiguous int32 tensor of shape [3, ", slices + 1, "] (pack with pack_sellp)");
+  const int32_t* group_ptr = slice_ptr.data_ptr<int32_t>();
+  const int32_t* layer_ptr = group_ptr + slices + 1;
   const int32_t* entry_ptr = layer_ptr + slices + 1;
-  const int64_t layers = layer_ptr[slices], entries = entry_ptr[slices];
+  const int64_t groups = group_ptr[slices], layers = layer_ptr[slices], entries = entry_ptr[slices];
   TORCH_CHECK(layers >= 0 && entries >= 0 && values.dim() == 2 && values.size(0) == layers + entries &&
-                  values.size(1) == 8,
-              op, ": values must be [layers + entries, 8] = [", layers, " + ", entries, ", 8], got shape ",
+                  values.size(1) == lanes,
+              op, ": values must be [layers + entries, 16] = [", layers, " + ", entries, ", 16], got shape ",
               values.sizes());
-  check_span(op, layer_ptr, slices, layers, "slice_ptr[0]");
-  check_span(op, entry_ptr, slices, entries, "slice_ptr[1]");
-  check_indices(op, layer_block, layers, 1, "layer_block");
-  check_indices(op, col_idx, entries, 8);
+  check_span(op, group_ptr, slices, groups, "slice_ptr[0]");
+  check_span(op, layer_ptr, slices, layers, "slice_ptr[1]");
+  check_span(op, entry_ptr, slices, entries, "slice_ptr[2]");
+  check_indices(op, layer_block, groups, 1, "layer_block");
+  check_indices(op, col_idx, entries, lanes);
   TORCH_CHECK(layer_block.scalar_type() == col_idx.scalar_type(), op, ": layer_block (", layer_block.scalar_type(),
               ") and col_idx (", col_idx.scalar_type(), ") must have one dtype");
   TORCH_CHECK(layer_lanes.scalar_type() == at::kByte && layer_lanes.dim() == 2 && layer_lanes.size(0) == layers &&
-                  layer_lanes.size(1) == 8 && layer_lanes.is_contiguous(),
-              op, ": layer_lanes must be a contiguous uint8 tensor of shape [", layers, ", 8]");
-  const int32_t* order = checked_row_order(op, row_order, slices);
-  Prepared r = prepare_io(op, x, layer_ptr, layer_block, values, scales, bias, out_features, slices, layers);
+                  layer_lanes.size(1) == lanes && layer_lanes.is_contiguous(),
+              op, ": layer_lanes must be a contiguous uint8 tensor of shape [", layers, ", 16]");
+  const int32_t* order = checked_row_order(op, row_order, slices, lanes);
+  Prepared r = prepare_io(op, x, group_ptr, layer_block, values, scales, bias, out_features, slices, groups);
   r.p.row_order = order;
+  r.p.layer_ptr = layer_ptr;
   r.p.lanes = layer_lanes.data_ptr<uint8_t>();
+  r.p.layers = layers;
   SparseProblem e = r.p;
   e.row_ptr = entry_ptr;
   e.col_idx = col_idx.data_ptr();
-  e.values = static_cast<const char*>(r.p.values) + layers * 8 * values.element_size();
+  e.values = static_cast<const char*>(r.p.values) + layers * lanes * values.element_size();
   e.nnz = entries;
   if (r.p.m == 0 || layers + entries == 0) return bias_only(r);
-  const int64_t n_blocks = (r.p.in + 7) / 8;
+  const int64_t n_blocks = (r.p.in + block - 1) / block;
   check_columns(op, layer_block, n_blocks, "layer_block");
   check_columns(op, col_idx, r.p.in);
   IndexErrors layer_err, entry_err;

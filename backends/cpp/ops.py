@@ -134,7 +134,7 @@ for _schema in OP_SCHEMAS.values():
     _LIB.define(_schema, tags=(torch.Tag.pt2_compliant_tag,))
 
 
-#: Dimensions of ``values`` in each layout: CSR [nnz], SELL [entries, 8], SELL-P [layers + entries, 8],
+#: Dimensions of ``values`` in each layout: CSR [nnz], SELL [entries, 8], SELL-P [layers + entries, 16],
 #: BSR [n_blocks, R, C].
 _VALUES_DIM = {"csr": 1, "sell": 2, "sellp": 2, "bsr": 3}
 
@@ -361,14 +361,14 @@ def sellp_linear(
 
     Args:
         x: float32 ``[..., in_features]``.
-        slice_ptr: int32 ``[2, ceil(out_features / 8) + 1]``: the slices' offsets in layers,
-            then in entries.
-        layer_block: int16 or int32 ``[layers]``, the 8-column block of ``x`` of each layer.
-        layer_lanes: uint8 ``[layers, 8]``, each lane's column within its layer's block.
-        row_order: int32 ``[8 * ceil(out_features / 8)]``, the output row of each slice lane
+        slice_ptr: int32 ``[3, ceil(out_features / 16) + 1]``: the slices' offsets in groups,
+            layers and entries (a slice's layers are a multiple of its groups: K per group).
+        layer_block: int16 or int32 ``[groups]``, the 32-column block of ``x`` of each group.
+        layer_lanes: uint8 ``[layers, 16]``, each lane's column within its group's block.
+        row_order: int32 ``[16 * ceil(out_features / 16)]``, the output row of each slice lane
             (-1 for padding lanes).
-        col_idx: ``[entries, 8]``, of ``layer_block``'s dtype.
-        values: float32 ``[layers + entries, 8]``, the layers' then the entries'.
+        col_idx: ``[entries, 16]``, of ``layer_block``'s dtype.
+        values: float32 ``[layers + entries, 16]``, the layers' then the entries'.
         bias: float32 ``[out_features]`` or None.
         out_features: rows of ``W``.
 

@@ -26,18 +26,20 @@ Layouts (W is ``[out_features, in_features]``; ``y = x @ W.T + b``):
   ``slice_ptr`` int32 ``[ceil(out/8) + 1]`` in entries; ``row_order`` int32
   ``[8 * ceil(out/8)]``, the output row of each lane (-1 for the lanes past ``out``). Sorting
   keeps the padding small (a few % at 90% unstructured, against ~20% unsorted).
-* SELL-P (SELL with permutes, for batch 1): SELL's sorted slices of 8 rows (``row_order``),
-  whose nonzeros go two ways. The columns are cut into blocks of 8; in each block a slice
-  first stores up to K *layers*, layer k holding the k-th nonzero each of its rows has in the
-  block: ``layer_block`` ``[layers]`` (the block) and ``layer_lanes`` uint8 ``[layers, 8]``
-  (each lane's column within the block, 0 for padding). The rest are SELL entries:
-  ``col_idx`` ``[entries, 8]``. ``values`` ``[layers + entries, 8]`` holds the layers' values,
-  then the entries' (0 for padding); ``slice_ptr`` int32 ``[2, ceil(out/8) + 1]`` the slices'
-  offsets in layers, then in entries (one tensor each, not two: every tensor argument costs
-  ~0.1-0.3 us of an op call from Python). A layer costs one permute of 8 columns of x held in
-  a register instead of 8 scalar loads, but holds only the lanes whose rows have a k-th
-  nonzero there (~4.6 of 8 for the first layer at 90% sparsity); K is chosen per slice by a
-  cost model (``pack_sellp``).
+* SELL-P (SELL with permutes, for batch 1): rows sorted as for SELL, in slices of 16
+  (``row_order`` ``[16 * ceil(out/16)]``), whose nonzeros go two ways. The columns are cut into
+  blocks of 32, and a slice stores K *layers* (K per slice, 0..32) in each block where it has a
+  nonzero: layer k holds the k-th nonzero each of its 16 rows has in the block. One (slice,
+  block) pair is a *group*: ``layer_block`` ``[groups]`` (the block of each), and
+  ``layer_lanes`` uint8 ``[layers, 16]``, each lane's column within the block (0 for padding).
+  The nonzeros beyond a slice's K in a block are SELL entries, 16 lanes wide: ``col_idx``
+  ``[entries, 16]``. ``values`` ``[layers + entries, 16]`` holds the layers' values, then the
+  entries' (0 for padding); ``slice_ptr`` int32 ``[3, ceil(out/16) + 1]`` the slices' offsets
+  in groups, layers and entries (one tensor, not three: every tensor argument costs ~0.1-0.3 us
+  of an op call from Python). A layer is one two-register permute of 32 columns of x instead of
+  16 scalar loads; it holds the lanes whose rows have a k-th nonzero in the block (~15.5 of 16
+  for the first layer at 90% sparsity, ~13.5 for the second); K is chosen per slice by a cost
+  model (``pack_sellp``).
 * Column indices are int16 when the index range fits (``in_features <= 32767`` for CSR,
   SELL and SELL-P, whose blocks take the dtype of its columns; ``ceil(in/C) <= 32767`` for
   BSR), else int32: at fp32 they are a third of the bytes read.
@@ -255,14 +257,15 @@ class SellpWeight(_Packed):
     """A weight in SELL-P form, as the ``graphopt::sellp_linear*`` ops take it.
 
     Attributes:
-        slice_ptr: int32 ``[2, ceil(out / 8) + 1]``: the slices' offsets in layers (row 0) and
-            in entries (row 1).
-        layer_block: int16 or int32 ``[layers]``, the 8-column block of ``x`` each layer reads.
-        layer_lanes: uint8 ``[layers, 8]``, the column within that block of each lane's value
+        slice_ptr: int32 ``[3, ceil(out / 16) + 1]``: the slices' offsets in groups (row 0),
+            layers (row 1) and entries (row 2). A slice's layers are K per group, K =
+            its layers / its groups.
+        layer_block: int16 or int32 ``[groups]``, the 32-column block of ``x`` each group reads.
+        layer_lanes: uint8 ``[layers, 16]``, the column within that block of each lane's value
             (0 for padding lanes).
-        row_order: int32 ``[8 * ceil(out / 8)]``, output row of each slice lane, -1 = padding.
-        col_idx: ``[entries, 8]``, of ``layer_block``'s dtype.
-        values: float32 or int8 ``[layers + entries, 8]``: the layers' values, then the
+        row_order: int32 ``[16 * ceil(out / 16)]``, output row of each slice lane, -1 = padding.
+        col_idx: ``[entries, 16]``, of ``layer_block``'s dtype.
+        values: float32 or int8 ``[layers + entries, 16]``: the layers' values, then the
             entries'; 0 for padding lanes.
         scales: float32 ``[out]`` when the values are int8, else None.
         shape: ``(out_features, in_features)``.
@@ -279,16 +282,28 @@ class SellpWeight(_Packed):
     scales: Tensor | None
     shape: tuple[int, int]
 
+    @property
+    def layers_per_group(self) -> Tensor:
+        """K of each slice: the layers it stores per block (0 for a slice of entries only)."""
+        groups = (self.slice_ptr[0, 1:] - self.slice_ptr[0, :-1]).long()
+        layers = (self.slice_ptr[1, 1:] - self.slice_ptr[1, :-1]).long()
+        return layers // groups.clamp(min=1)
+
     def to_dense(self) -> Tensor:
         """The float32 weight this packing represents (dequantised when int8)."""
-        layers = len(self.layer_block)
-        entries = SellWeight(self.slice_ptr[1], self.row_order, self.col_idx, self.values[layers:], None, self.shape)
-        dense = entries.to_dense()
-        rows = self.row_order.long().view(-1, 8)[_owners(self.slice_ptr[0])]  # [layers, 8]
-        cols = self.layer_block.long()[:, None] * 8 + self.layer_lanes.long()
+        out, inp = self.shape
+        lanes = self.row_order.long().view(-1, _SELLP_ROWS)
+        group_ptr, layer_ptr, _ = self.slice_ptr.long()
+        slice_of_layer = _owners(self.slice_ptr[1])
+        k = self.layers_per_group[slice_of_layer]
+        group = group_ptr[slice_of_layer] + (torch.arange(len(slice_of_layer)) - layer_ptr[slice_of_layer]) // k
+        rows = torch.cat([lanes[slice_of_layer], lanes[_owners(self.slice_ptr[2])]])  # [layers + entries, 16]
+        cols = torch.cat([self.layer_block.long()[group, None] * _SELLP_BLOCK + self.layer_lanes.long(),
+                          self.col_idx.long()])
         live = rows >= 0
+        dense = torch.zeros(out, inp)
         # Padding lanes (value 0) may repeat a stored position: add, not assign.
-        dense.index_put_((rows[live], cols[live]), self.values[:layers].float()[live], accumulate=True)
+        dense.index_put_((rows[live], cols[live]), self.values.float()[live], accumulate=True)
         if self.scales is not None:
             dense *= self.scales[:, None]
         return dense
@@ -415,15 +430,15 @@ def pack_bsr(
     return BsrWeight(row_ptr, bcol.to(_index_dtype(n_bc)), values, scales, (out, inp))
 
 
-def _sorted_lanes(mask: Tensor) -> tuple[Tensor, Tensor]:
-    """SELL's lanes: rows sorted by nonzero count (longest first, stable), 8 to a slice.
+def _sorted_lanes(mask: Tensor, lanes: int = 8) -> tuple[Tensor, Tensor]:
+    """SELL's lanes: rows sorted by nonzero count (longest first, stable), ``lanes`` to a slice.
 
     Returns ``(row_order, lane_of_row)``: the output row of each lane (-1 past ``out``,
     int32), and the lane of each row (int64).
     """
     out = mask.shape[0]
     order = torch.sort(mask.sum(dim=1), descending=True, stable=True).indices
-    row_order = torch.full((-(-out // 8) * 8,), -1, dtype=torch.int32)
+    row_order = torch.full((-(-out // lanes) * lanes,), -1, dtype=torch.int32)
     row_order[:out] = order.to(torch.int32)
     lane_of_row = torch.empty(out, dtype=torch.int64)
     lane_of_row[order] = torch.arange(out)
@@ -431,22 +446,22 @@ def _sorted_lanes(mask: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _sell_entries(rows: Tensor, cols: Tensor, values: Tensor, lane_of_row: Tensor,
-                  n_slices: int) -> tuple[Tensor, Tensor, Tensor]:
+                  n_slices: int, lanes: int = 8) -> tuple[Tensor, Tensor, Tensor]:
     """SELL entries of the nonzeros ``(rows, cols, values)``, given row-major (each row's
     nonzeros together, columns ascending): each slice's rows side by side, zero-padded to
     its longest row.
 
     Returns ``(slice_ptr, col_idx, values)``: int32 ``[n_slices + 1]`` entry offsets, and
-    int64 and float32 ``[entries, 8]``.
+    int64 and float32 ``[entries, lanes]``.
     """
     lane = lane_of_row[rows]
-    widths = torch.bincount(lane, minlength=n_slices * 8).view(n_slices, 8).amax(dim=1)
+    widths = torch.bincount(lane, minlength=n_slices * lanes).view(n_slices, lanes).amax(dim=1)
     slice_ptr = _row_pointer(widths)
-    entry = slice_ptr.long()[lane // 8] + _rank_in_runs(rows)  # the nonzero's place in its row
-    col_idx = torch.zeros(int(slice_ptr[-1]), 8, dtype=torch.int64)
-    stored = torch.zeros(int(slice_ptr[-1]), 8)
-    col_idx[entry, lane % 8] = cols
-    stored[entry, lane % 8] = values
+    entry = slice_ptr.long()[lane // lanes] + _rank_in_runs(rows)  # the nonzero's place in its row
+    col_idx = torch.zeros(int(slice_ptr[-1]), lanes, dtype=torch.int64)
+    stored = torch.zeros(int(slice_ptr[-1]), lanes)
+    col_idx[entry, lane % lanes] = cols
+    stored[entry, lane % lanes] = values
     return slice_ptr, col_idx, stored
 
 
@@ -484,26 +499,30 @@ def pack_sell(weight: Tensor, dtype: torch.dtype = torch.float32) -> SellWeight:
     )
 
 
-#: What a SELL entry costs in SELL-P layers, for choosing layers: a layer ~1.3 ns, an entry
-#: ~3.4-3.8 ns (one core, batch 1, 384x1536 at 90%, standalone harness of the kernel).
-_ENTRY_COST_IN_LAYERS = 2.75
-#: Most layers a slice stores per block (8 would hold a dense block).
-_MAX_LAYERS = 8
+#: SELL-P's rows per slice and columns per block: 16 fp32 lanes are one AVX-512 register, and a
+#: two-register permute (vpermt2ps) reads 32 columns.
+_SELLP_ROWS = 16
+_SELLP_BLOCK = 32
+#: What a 16-lane entry costs in layers, for choosing K: a layer ~0.6-0.75 ns, an entry ~2.7 ns
+#: (one core, batch 1, random MiniLM shapes at 70-95%, standalone harness of the kernel; the
+#: kernel's time was flat for ratios 3.4 to 6.8).
+_ENTRY_COST_IN_LAYERS = 4.0
+#: Most layers a slice stores per block: 32 hold a dense block.
+_MAX_LAYERS = _SELLP_BLOCK
 
 
 def _layers_per_block(lane_block_counts: Tensor) -> Tensor:
-    """Each slice's layers per block, K: the one of 0 .. 8 with the least modelled cost.
+    """Each slice's layers per block, K: the one of 0 .. 32 with the least modelled cost.
 
-    ``lane_block_counts`` ``[slices, 8, blocks]`` holds each lane's nonzeros per block. With
-    K layers a slice stores ``sum over blocks of min(K, most of any lane there)`` layers, and
-    as many entries as its lane with the most nonzeros beyond K per block.
+    ``lane_block_counts`` ``[slices, 16, blocks]`` holds each lane's nonzeros per block. With K
+    layers a slice stores K layers in each block where it has a nonzero, and as many entries as
+    its lane with the most nonzeros beyond K per block.
     """
-    most = lane_block_counts.amax(dim=1)  # [slices, blocks]
+    stored_blocks = (lane_block_counts.amax(dim=1) > 0).sum(dim=1)
     costs = []
     for k in range(_MAX_LAYERS + 1):
-        layers = most.clamp(max=k).sum(dim=1)
-        entries = (lane_block_counts - k).clamp(min=0).sum(dim=2).amax(dim=1)
-        costs.append(layers + _ENTRY_COST_IN_LAYERS * entries)
+        entries = (lane_block_counts - k).clamp(min=0).sum(dim=2, dtype=torch.int64).amax(dim=1)
+        costs.append(k * stored_blocks + _ENTRY_COST_IN_LAYERS * entries)
     return torch.stack(costs, dim=1).argmin(dim=1)
 
 
@@ -511,16 +530,15 @@ def _layers_per_block(lane_block_counts: Tensor) -> Tensor:
 def pack_sellp(weight: Tensor, dtype: torch.dtype = torch.float32, *, layers: int | None = None) -> SellpWeight:
     """Packs a dense weight ``[out, in]`` into SELL-P, keeping its nonzero entries.
 
-    A batch-1 layout with fewer gathers than SELL: per block of 8 columns, a slice's first
-    nonzeros are layers, read with one permute of 8 columns of ``x`` held in a register; the
-    rest are SELL entries (see ``sparse_sellp.cpp``).
+    A batch-1 layout with fewer gathers than SELL: in each block of 32 columns, a slice of 16
+    rows stores its first nonzeros as K layers, each read with one permute of 32 columns of
+    ``x`` held in registers; the rest are SELL entries (see ``sparse_sellp.cpp``).
 
     Args:
         weight: the dense weight; zeros are the pruned entries.
         dtype: ``torch.float32``, or ``torch.int8`` for symmetric per-row int8 values.
-        layers: the most layers a slice stores per block, 0 (all entries: SELL) to 8 (all
-            layers). None chooses per slice by a cost model: one layer per block at 90%
-            sparsity, two or three at 70%.
+        layers: K for every slice, 0 (all entries: SELL with 16 lanes) to 32 (all layers).
+            None chooses per slice by a cost model: 4-6 at 90% sparsity, 11-13 at 70%.
 
     Returns:
         The packed weight.
@@ -529,41 +547,42 @@ def pack_sellp(weight: Tensor, dtype: torch.dtype = torch.float32, *, layers: in
         raise ValueError(f"layers must be in [0, {_MAX_LAYERS}] or None, got {layers}")
     w = _check_weight(weight, dtype)
     out, inp = w.shape
-    n_slices, n_blocks = -(-out // 8), -(-inp // 8)
+    n_slices, n_blocks = -(-out // _SELLP_ROWS), -(-inp // _SELLP_BLOCK)
     mask = w != 0
-    row_order, lane_of_row = _sorted_lanes(mask)
+    row_order, lane_of_row = _sorted_lanes(mask, _SELLP_ROWS)
     scales = _row_scales(w) if dtype == torch.int8 else None
     source = w if scales is None else _quantize_rows(w, scales).float()
     rows, cols = mask.nonzero(as_tuple=True)  # row-major: each row's columns ascending
-    lane, block = lane_of_row[rows], cols // 8
+    lane, block = lane_of_row[rows], cols // _SELLP_BLOCK
+    slice_of = lane // _SELLP_ROWS
     # Rank of each nonzero among its row's nonzeros in the same block: its layer there.
     rank = _rank_in_runs(rows * n_blocks + block)
-    if layers is None:
-        counts = torch.zeros(n_slices * 8 * n_blocks, dtype=torch.int16)  # at most 8 a block
-        counts.index_add_(0, lane * n_blocks + block, torch.ones(len(lane), dtype=torch.int16))
-        per_block = _layers_per_block(counts.view(n_slices, 8, n_blocks))
-    else:
-        per_block = torch.full((n_slices,), layers, dtype=torch.int64)
-    in_layer = rank < per_block[lane // 8]
-    # Layers of each (slice, block): the most nonzeros any of the slice's rows has there, at most K.
-    slice_block = ((lane // 8) * n_blocks + block)[in_layer]
-    layer_counts = torch.zeros(n_slices * n_blocks, dtype=torch.int64)
-    layer_counts.scatter_reduce_(0, slice_block, rank[in_layer] + 1, reduce="amax")
-    layer_ptr = _row_pointer(layer_counts.view(n_slices, n_blocks).sum(dim=1))
-    layer = (torch.cumsum(layer_counts, 0) - layer_counts)[slice_block] + rank[in_layer]
-    layer_block = torch.repeat_interleave(torch.arange(n_blocks).repeat(n_slices), layer_counts)
-    layer_lanes = torch.zeros(int(layer_ptr[-1]), 8, dtype=torch.uint8)
-    layer_values = torch.zeros(int(layer_ptr[-1]), 8)
-    layer_lanes[layer, lane[in_layer] % 8] = (cols[in_layer] % 8).to(torch.uint8)
-    layer_values[layer, lane[in_layer] % 8] = source[rows[in_layer], cols[in_layer]]
+    counts = torch.zeros(n_slices * _SELLP_ROWS * n_blocks, dtype=torch.int16)  # at most 32 a block
+    counts.index_add_(0, lane * n_blocks + block, torch.ones(len(lane), dtype=torch.int16))
+    counts = counts.view(n_slices, _SELLP_ROWS, n_blocks)
+    k = _layers_per_block(counts) if layers is None else torch.full((n_slices,), layers, dtype=torch.int64)
+    # The groups: each (slice, block) where the slice has a nonzero and K > 0, slice by slice.
+    stored = (counts.amax(dim=1) > 0) & (k[:, None] > 0)
+    group_counts = stored.sum(dim=1)
+    group_ptr, layer_ptr = _row_pointer(group_counts), _row_pointer(group_counts * k)
+    group_of = torch.cumsum(stored.flatten(), 0) - 1
+    layer_block = stored.nonzero()[:, 1]
+    in_layer = rank < k[slice_of]
+    s, r = slice_of[in_layer], rank[in_layer]
+    group = group_of[s * n_blocks + block[in_layer]]
+    layer = layer_ptr.long()[s] + (group - group_ptr.long()[s]) * k[s] + r
+    layer_lanes = torch.zeros(int(layer_ptr[-1]), _SELLP_ROWS, dtype=torch.uint8)
+    layer_values = torch.zeros(int(layer_ptr[-1]), _SELLP_ROWS)
+    layer_lanes[layer, lane[in_layer] % _SELLP_ROWS] = (cols[in_layer] % _SELLP_BLOCK).to(torch.uint8)
+    layer_values[layer, lane[in_layer] % _SELLP_ROWS] = source[rows[in_layer], cols[in_layer]]
     rest = ~in_layer
     entry_ptr, col_idx, values = _sell_entries(rows[rest], cols[rest], source[rows[rest], cols[rest]], lane_of_row,
-                                               n_slices)
+                                               n_slices, _SELLP_ROWS)
     logger.debug("packed %dx%d weight as SELL-P: %d nonzeros in %d layers and %d entries, %s", out, inp, len(rows),
                  len(layer_values), len(values), dtype)
     index_dtype = _index_dtype(inp)
     return SellpWeight(
-        torch.stack([layer_ptr, entry_ptr]),
+        torch.stack([group_ptr, layer_ptr, entry_ptr]),
         layer_block.to(index_dtype),
         layer_lanes,
         row_order,

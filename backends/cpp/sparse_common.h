@@ -41,12 +41,15 @@ struct SparseProblem {
   const float* scales;     // [out] per-row dequantisation scales, or nullptr
   const float* bias;       // [out] or nullptr
   const int32_t* row_order = nullptr;  // SELL: output row of each slice lane, -1 = padding
-  const uint8_t* lanes = nullptr;      // SELL-P's layers: [layers, 8] column within the layer's block
+  // SELL-P's layers (row_ptr: the slices' offsets in groups, col_idx: each group's block):
+  const int32_t* layer_ptr = nullptr;  // the slices' offsets in layers
+  const uint8_t* lanes = nullptr;      // [layers, 16] each lane's column within its group's block
+  int64_t layers = 0;
   int64_t m;               // batch rows (all leading dims of x flattened)
   int64_t in;              // in_features
   int64_t out;             // out_features
-  int64_t n_groups;        // CSR: out; BSR: ceil(out / R); SELL, SELL-P: ceil(out / 8) slices
-  int64_t nnz;             // CSR: nonzeros; BSR: stored blocks; SELL: slice entries, SELL-P: layers or entries (8 values each)
+  int64_t n_groups;        // CSR: out; BSR: ceil(out / R); SELL: ceil(out / 8) slices; SELL-P: ceil(out / 16)
+  int64_t nnz;             // CSR: nonzeros; BSR: stored blocks; SELL: slice entries; SELL-P: groups or entries
   bool idx16;              // col_idx is int16
   bool val8;               // values are int8 (then scales != nullptr)
 };
@@ -466,18 +469,19 @@ inline v8f load8_as_float(const V* p) {
   }
 }
 
-// Sum of n SELL entries' products for a slice's 8 rows (lane r = row r): each entry is 8
-// column indices c and 8 values v, one per lane. Two accumulators so that consecutive FMAs do
+// Sum of n SELL entries' products for 8 rows of a slice (lane r = row r): each entry holds 8
+// column indices c and 8 values v, one per lane, and the next starts Stride elements on (SELL-P's
+// entries are 16 lanes wide, taken 8 at a time). Two accumulators so that consecutive FMAs do
 // not wait on each other; indices through bextr (see gather8).
-template <typename I, typename V>
+template <typename I, typename V, int Stride = 8>
 inline v8f sell_entries_dot(const float* x, const I* c, const V* v, int64_t n, uint32_t mask) {
   v8f a0 = v8f{}, a1 = v8f{};
   int64_t k = 0;
   for (; k + 2 <= n; k += 2) {
-    a0 += load8_as_float(v + 8 * k) * gather8<I, true>(x, c + 8 * k, mask);
-    a1 += load8_as_float(v + 8 * k + 8) * gather8<I, true>(x, c + 8 * k + 8, mask);
+    a0 += load8_as_float(v + Stride * k) * gather8<I, true>(x, c + Stride * k, mask);
+    a1 += load8_as_float(v + Stride * (k + 1)) * gather8<I, true>(x, c + Stride * (k + 1), mask);
   }
-  if (k < n) a0 += load8_as_float(v + 8 * k) * gather8<I, true>(x, c + 8 * k, mask);
+  if (k < n) a0 += load8_as_float(v + Stride * k) * gather8<I, true>(x, c + Stride * k, mask);
   return a0 + a1;
 }
 

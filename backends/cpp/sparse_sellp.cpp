@@ -1,31 +1,35 @@
 // SELL-P kernel for y = x W^T (+ b): SELL whose slices start with permute layers, a batch-1
-// layout with fewer gathers.
+// layout with few gathers.
 //
-// Rows are sorted and cut into slices of 8 as in SELL (row_order maps lanes to rows). The
-// columns are cut into blocks of 8, and a slice's nonzeros go two ways:
-//  * Layers. Each layer reads one block: its 8 columns of x are one vector load, and one
-//    permute (vpermps) gives each lane the column its value multiplies, so a layer is ~4
-//    instructions where a SELL entry is 8 scalar loads and the inserts that build a vector
-//    (the gathers cost ~0.8 cycles a nonzero on Zen 3 whichever way they are built: scalar
-//    inserts, bextr, vgatherdps, broadcast and blend, scalar FMAs, measured). Layer k of a
-//    block holds the k-th nonzero each row has there, so a slice with K layers in a block
-//    covers up to K nonzeros of each of its rows there, and pays for lanes whose row has
-//    fewer: at 90% sparsity the first layer of a block holds ~4.6 nonzeros, a second ~1.5.
-//  * Entries: the nonzeros beyond a slice's layers, as SELL entries (8 gathered columns).
-// pack_sellp picks each slice's layers per block from a cost model (an entry costs ~2.75
-// layers): one layer a block at 90% sparsity, two or three at 70%, four or five at 50%.
-// Batch 1, random MiniLM shapes, through the op (1 and 2 threads, 15-21 interleaved rounds):
-// at 90% 0.93-1.03x SELL's time; at 70% 0.73-0.81x SELL's and 0.94-0.97x that of layers only
-// (the SELL-P of before, which this generalises: layers=8); at 50% 0.70-0.81x SELL's.
+// Rows are sorted as in SELL and cut into slices of 16 (row_order maps lanes to rows); the
+// columns are cut into blocks of 32. A slice's nonzeros go two ways:
+//  * Layers. In each block where it has a nonzero (a *group*), a slice stores K layers, K fixed
+//    per slice: layer k holds the k-th nonzero each of its 16 rows has in the block. The block's
+//    32 columns of x are two vector registers, loaded once per group, and one two-register
+//    permute (vpermt2ps) gives each lane the column its value multiplies; a layer is then 4
+//    instructions (lane bytes widened, permute, FMA with its values) where 16 gathered columns
+//    are 16 scalar loads and the inserts that build the vectors. On Zen 4 a gathered nonzero
+//    costs ~0.8 cycles whichever way it is built (scalar inserts, bextr, vgatherdps, broadcast
+//    and blend, scalar FMAs, measured); a layer ~2, and the first one of a block holds ~15.5
+//    nonzeros at 90% sparsity, the second ~13.5, the fourth ~6.4.
+//  * Entries: the nonzeros beyond a slice's K in a block, as SELL entries 16 lanes wide (two
+//    8-lane gathers each).
+// pack_sellp picks K per slice with a cost model (an entry costs ~4 layers): 4-6 at 90%, 11-13
+// at 70%. Since K is fixed per slice, the layer loop's trip count repeats from group to group and
+// its branch is predicted; with one block index per layer instead of per group (x loaded for
+// every layer) the kernel took 1.4-1.5x the time.
+// Standalone harness, one core, batch 1, random MiniLM shapes (384x1536 and 1536x384), time as a
+// fraction of SELL-8's: 0.55-0.61 at 90%, 0.42-0.43 at 70%, 0.47 at 50%, 0.73-0.82 at 95%; the
+// SELL-P of 8-row slices and 8-column blocks this replaces took 0.81-0.83 at 90%.
 //
 // Batch > 1 runs the batch-1 product row by row: the layout is for batch 1, and the backend
 // takes it only where its timing table says it is fastest.
 //
-// Each slice's pointers are checked before the slice is read, and int32 layer blocks and
-// column indices too; int16 ones are masked (see column_mask) against an x padded to the
-// masks' range, and the permute reads only the low 3 bits of a lane byte. So malformed data
-// gives an error, or for int16 indices changed behind the ops' check a wrong result, never an
-// out-of-bounds read.
+// Each slice's pointers are checked before the slice is read (a slice's layers must be a
+// multiple of its groups), and int32 blocks and column indices too; int16 ones are masked (see
+// column_mask) against an x padded to the masks' range, and the permute reads only the low 5 bits
+// of a lane byte. So malformed data gives an error, or for int16 indices changed behind the ops'
+// check a wrong result, never an out-of-bounds read.
 #include "sparse_common.h"
 
 namespace graphopt {
@@ -33,41 +37,70 @@ namespace {
 
 using namespace detail;
 
-// Lane r of the result: xb[lanes[r] & 7], for one layer's 8 lane bytes.
-inline v8f permute8(v8f xb, const uint8_t* lanes) {
-#ifdef GRAPHOPT_AVX2
-  const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(lanes)));
-  return (v8f)_mm256_permutevar8x32_ps((__m256)xb, idx);
+constexpr int kRows = 16;   // rows per slice
+constexpr int kBlock = 32;  // columns per block
+
+#ifdef __AVX512F__
+inline __m512 load16_as_float(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16_as_float(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// acc + values * (lane r: x block column lanes[r] & 31), the block's columns in xa (0-15), xb (16-31).
+template <typename V>
+inline __m512 layer(__m512 xa, __m512 xb, const uint8_t* lanes, const V* val, __m512 acc) {
+  const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lanes)));
+  return _mm512_fmadd_ps(load16_as_float(val), _mm512_permutex2var_ps(xa, idx, xb), acc);
+}
+#endif
+
+// Adds to lo (lanes 0-7) and hi (8-15) the products of a slice's n_groups groups of k layers
+// each: group g reads block block[g] of x, and its layers are the next k of lanes and val.
+template <typename I, typename V>
+inline void layers_dot(const float* x, const I* block, const uint8_t* lanes, const V* val, int64_t n_groups,
+                       int64_t k, uint32_t mask, v8f& lo, v8f& hi) {
+#ifdef __AVX512F__
+  // Four accumulators: a layer's FMA waits on its permute, and the permute on the lane bytes.
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (int64_t g = 0; g < n_groups; ++g) {
+    const float* xg = x + kBlock * column(block[g], mask);
+    const __m512 xa = _mm512_loadu_ps(xg), xb = _mm512_loadu_ps(xg + 16);
+    int64_t j = 0;
+    for (; j + 4 <= k; j += 4, lanes += 4 * kRows, val += 4 * kRows) {
+      a0 = layer(xa, xb, lanes, val, a0);
+      a1 = layer(xa, xb, lanes + kRows, val + kRows, a1);
+      a2 = layer(xa, xb, lanes + 2 * kRows, val + 2 * kRows, a2);
+      a3 = layer(xa, xb, lanes + 3 * kRows, val + 3 * kRows, a3);
+    }
+    for (; j < k; ++j, lanes += kRows, val += kRows) a0 = layer(xa, xb, lanes, val, a0);
+  }
+  float sums[kRows];
+  _mm512_storeu_ps(sums, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  lo += load8(sums);
+  hi += load8(sums + 8);
 #else
-  v8f r;
-  for (int i = 0; i < 8; ++i) r[i] = xb[lanes[i] & 7];
-  return r;
+  for (int64_t g = 0; g < n_groups; ++g) {
+    const float* xg = x + kBlock * column(block[g], mask);
+    for (int64_t j = 0; j < k; ++j, lanes += kRows, val += kRows) {
+      v8f a, b;
+      for (int r = 0; r < 8; ++r) {
+        a[r] = xg[lanes[r] & (kBlock - 1)];
+        b[r] = xg[lanes[8 + r] & (kBlock - 1)];
+      }
+      lo += load8_as_float(val) * a;
+      hi += load8_as_float(val + 8) * b;
+    }
+  }
 #endif
 }
 
-// Sum of n layers' products for the slice's 8 rows. Apart from sell_entries_dot, with their own
-// accumulators and pointers: in one loop nest GCC spilled the entries' loop counter to the stack.
-template <typename I, typename V>
-inline v8f layers_dot(const float* x, const I* block, const uint8_t* lanes, const V* val, int64_t n, uint32_t mask) {
-  // Four accumulators: a layer's FMA waits on its permute, and the permute on two loads.
-  v8f acc[4] = {v8f{}, v8f{}, v8f{}, v8f{}};
-  int64_t k = 0;
-  for (; k + 4 <= n; k += 4) {
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) {
-      acc[j] += load8_as_float(val + 8 * (k + j)) * permute8(load8(x + 8 * column(block[k + j], mask)), lanes + 8 * (k + j));
-    }
-  }
-  for (; k < n; ++k) acc[0] += load8_as_float(val + 8 * k) * permute8(load8(x + 8 * column(block[k], mask)), lanes + 8 * k);
-  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
-}
+// What a 16-lane entry costs in layers (~4 measured, see pack_sellp), to balance the slices
+// across threads.
+constexpr int64_t kEntryCostInLayers = 4;
 
-// What an entry costs in layers (~2.75 measured, see pack_sellp), to balance the slices across
-// threads.
-constexpr int64_t kEntryCostInLayers = 3;
-
-// L: the layers (row_ptr = layer pointer of each slice, col_idx = layer blocks, lanes,
-// values); E: the entries (row_ptr = entry pointer, col_idx, values). Both share row_order.
+// L: the layers (row_ptr: the slices' offsets in groups, col_idx: each group's block, layer_ptr,
+// lanes, values); E: the entries (row_ptr: offsets in entries, col_idx, values). Both share
+// row_order.
 template <typename I, typename V>
 void sellp_rows(const SparseProblem& L, const SparseProblem& E, IndexErrors& layer_err, IndexErrors& entry_err) {
   const I* block = static_cast<const I*>(L.col_idx);
@@ -75,18 +108,20 @@ void sellp_rows(const SparseProblem& L, const SparseProblem& E, IndexErrors& lay
   const I* col = static_cast<const I*>(E.col_idx);
   const V* eval = static_cast<const V*>(E.values);
   const int32_t* order = L.row_order;
-  const int64_t n_blocks = (L.in + 7) / 8, slices = L.n_groups;
+  const int64_t n_blocks = (L.in + kBlock - 1) / kBlock, slices = L.n_groups;
   const uint32_t bmask = column_mask<I>(n_blocks), cmask = column_mask<I>(L.in);
   // x padded with zeros to whole blocks and, for int16, to both masks' ranges.
-  const int64_t stride = std::max(8 * (n_blocks + column_guard<I>(n_blocks)), L.in + column_guard<I>(L.in));
+  const int64_t stride = std::max(kBlock * (n_blocks + column_guard<I>(n_blocks)), L.in + column_guard<I>(L.in));
   const Scratch xp = padded_rows(L, stride);
   std::fill(L.y, L.y + L.m * L.out, 0.f);  // lanes of a skipped slice stay defined
   std::vector<int64_t> work(slices + 1);
-  for (int64_t s = 0; s <= slices; ++s) work[s] = int64_t{L.row_ptr[s]} + kEntryCostInLayers * E.row_ptr[s];
-  parallel_rows(work.data(), slices, (L.nnz + 2 * E.nnz) * 8 * L.m, [&](int64_t begin, int64_t end) {
+  for (int64_t s = 0; s <= slices; ++s) work[s] = int64_t{L.layer_ptr[s]} + kEntryCostInLayers * E.row_ptr[s];
+  parallel_rows(work.data(), slices, (L.layers + 2 * E.nnz) * kRows * L.m, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) {
-      const int64_t k0 = L.row_ptr[s], k1 = L.row_ptr[s + 1], e0 = E.row_ptr[s], e1 = E.row_ptr[s + 1];
-      if (k0 < 0 || k0 > k1 || k1 > L.nnz) {
+      const int64_t g0 = L.row_ptr[s], g1 = L.row_ptr[s + 1], l0 = L.layer_ptr[s], l1 = L.layer_ptr[s + 1];
+      const int64_t e0 = E.row_ptr[s], e1 = E.row_ptr[s + 1];
+      if (g0 < 0 || g0 > g1 || g1 > L.nnz || l0 < 0 || l0 > l1 || l1 > L.layers ||
+          (g1 == g0 ? l1 != l0 : (l1 - l0) % (g1 - g0) != 0)) {
         layer_err.bad_row_ptr.store(true, std::memory_order_relaxed);
         continue;
       }
@@ -94,19 +129,24 @@ void sellp_rows(const SparseProblem& L, const SparseProblem& E, IndexErrors& lay
         entry_err.bad_row_ptr.store(true, std::memory_order_relaxed);
         continue;
       }
-      if (sizeof(I) == 4 && max_index(block + k0, k1 - k0) > static_cast<uint32_t>(n_blocks - 1)) {
+      if (sizeof(I) == 4 && max_index(block + g0, g1 - g0) > static_cast<uint32_t>(n_blocks - 1)) {
         layer_err.bad_col_idx.store(true, std::memory_order_relaxed);
         continue;
       }
-      if (sizeof(I) == 4 && max_index(col + 8 * e0, 8 * (e1 - e0)) > static_cast<uint32_t>(L.in - 1)) {
+      if (sizeof(I) == 4 && max_index(col + kRows * e0, kRows * (e1 - e0)) > static_cast<uint32_t>(L.in - 1)) {
         entry_err.bad_col_idx.store(true, std::memory_order_relaxed);
         continue;
       }
+      const int64_t k = g1 > g0 ? (l1 - l0) / (g1 - g0) : 0;
+      const I* c = col + kRows * e0;
+      const V* v = eval + kRows * e0;
       for (int64_t b = 0; b < L.m; ++b) {
         const float* x = xp.get() + b * stride;
-        const v8f sums = layers_dot(x, block + k0, L.lanes + 8 * k0, lval + 8 * k0, k1 - k0, bmask) +
-                         sell_entries_dot(x, col + 8 * e0, eval + 8 * e0, e1 - e0, cmask);
-        store_slice(sums, order + 8 * s, L, b, entry_err);
+        v8f lo = sell_entries_dot<I, V, kRows>(x, c, v, e1 - e0, cmask);
+        v8f hi = sell_entries_dot<I, V, kRows>(x, c + 8, v + 8, e1 - e0, cmask);
+        layers_dot(x, block + g0, L.lanes + kRows * l0, lval + kRows * l0, g1 - g0, k, bmask, lo, hi);
+        store_slice(lo, order + kRows * s, L, b, entry_err);
+        store_slice(hi, order + kRows * s + 8, L, b, entry_err);
       }
     }
   });
