@@ -1,7 +1,7 @@
 """The ``graphopt`` command line: ``compress``, ``passes``, ``inspect``, ``bench``.
 
 A user error (any ``GraphoptError``) prints one message and exits 2, without a
-traceback unless ``--debug``; Ctrl-C exits 130 and says nothing was written.
+traceback unless ``--debug``; Ctrl-C exits 130 and SIGTERM 143, both saying nothing was written.
 """
 
 from __future__ import annotations
@@ -110,17 +110,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         return {"compress": _compress, "passes": _passes, "recipes": _recipes, "models": _models,
                 "inspect": _inspect, "bench": _bench}[args.command](
             args, console)
-    except GraphoptError as error:
+    except KeyboardInterrupt as interrupt:
+        return _report_interrupt(interrupt, console)
+    except Exception as error:
+        # A signal that lands inside a library call can surface as another error: torch's
+        # cleanup code, running while the KeyboardInterrupt unwinds a half-done import, raises
+        # AttributeError, and our pass wraps that in a ModelError. The interrupt is in its chain.
+        interrupt = _interrupt_in_chain(error)
+        if interrupt is not None:
+            return _report_interrupt(interrupt, console)
+        if not isinstance(error, GraphoptError):
+            raise
         if args.debug:
             console.print_exception()
         console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         return EXIT_USER_ERROR
-    except _Terminated:
+
+
+def _interrupt_in_chain(error: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt (Ctrl-C or SIGTERM) among the causes and contexts of ``error``, if any."""
+    pending, seen = [error], set()
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, KeyboardInterrupt):
+            return current
+        pending += [e for e in (current.__cause__, current.__context__) if e is not None]
+    return None
+
+
+def _report_interrupt(interrupt: KeyboardInterrupt, console: Console) -> int:
+    if isinstance(interrupt, _Terminated):
         console.print("[bold red]terminated:[/] nothing was written")
         return EXIT_TERMINATED
-    except KeyboardInterrupt:
-        console.print("[bold red]interrupted:[/] nothing was written")
-        return EXIT_INTERRUPTED
+    console.print("[bold red]interrupted:[/] nothing was written")
+    return EXIT_INTERRUPTED
 
 
 class _Terminated(KeyboardInterrupt):

@@ -51,6 +51,27 @@ def test_signal_leaves_nothing(tmp_path: Path, sig: signal.Signals, code: int, w
     assert list(tmp_path.iterdir()) == []
 
 
+def test_signal_hidden_by_a_library_error_still_exits_as_the_signal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    # As seen in CI: SIGTERM landed in torch.export's lazy import of torch._dynamo; torch's own
+    # cleanup then raised AttributeError, which the export pass wraps in a ModelError (exit 2).
+    import torch
+
+    from graphopt.cli import _raise_terminated
+
+    def export_hit_by_sigterm(*args: object, **kwargs: object) -> None:
+        try:
+            _raise_terminated(signal.SIGTERM, None)
+        finally:
+            raise AttributeError("module 'torch._dynamo' has no attribute 'exc'")
+
+    monkeypatch.setattr(torch.onnx, "export", export_hit_by_sigterm)
+    out = tmp_path / "out"
+    assert main([*COMMAND, str(out)]) == 143
+    assert "terminated: nothing was written" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 # Python run in the child before the CLI: SIGKILL itself at one point of the artifact's write.
 # A kill at a chosen point, rather than a kill timed from outside, because the write takes
 # milliseconds and a watcher polling for the temporary folder can miss it on a slow machine.
