@@ -126,7 +126,6 @@ def test_aot_package_runs_only_where_the_cpu_has_every_feature_of_its_isa() -> N
     AVX-512 host without VNNI must refuse VNNI code, and an unknown feature is refused."""
     import torch
     import torch._inductor.cpu_vec_isa
-
     from graphopt.backends.cpp.backend import _runs_here
 
     assert _runs_here("DEFAULT")
