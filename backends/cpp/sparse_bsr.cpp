@@ -60,7 +60,7 @@ void bsr_rows(const SparseProblem& p, const float* x, IndexErrors& err) {
   const I* col = static_cast<const I*>(p.col_idx);
   const V* val = static_cast<const V*>(p.values);
   const uint32_t lim = static_cast<uint32_t>((p.in + C - 1) / C - 1);
-  parallel_rows(p.row_ptr, p.n_groups, p.nnz * R * C, [&](int64_t begin, int64_t end) {
+  parallel_rows<BPG>(p.row_ptr, p.n_groups, p.nnz * R * C, [&](int64_t begin, int64_t end) {
     for (int64_t g0 = begin; g0 < end; g0 += BPG) {
       const int nbr = static_cast<int>(std::min<int64_t>(BPG, end - g0));
       const int64_t o0 = g0 * R;

@@ -134,10 +134,12 @@ struct Scratch {
   float* get() const { return ptr.get(); }
 };
 
-// Splits row groups [0, n) into nt parts of equal (nonzeros + kRowCost * rows), with
-// inner boundaries on multiples of 8 so that kernels can finish 8 rows with one vector
-// store. A malformed row_ptr only unbalances the split; the kernels check each row.
-template <typename R>
+// Splits row groups [0, n) into nt parts of equal (nonzeros + kRowCost * rows), with inner
+// boundaries on multiples of Align: 8 for CSR, whose kernels finish 8 rows with one vector
+// store. Only those that need it align: a SELL-P weight of 384 rows is 24 slices, and with
+// boundaries on multiples of 8 two threads split it 8/16, one doing twice the other's work.
+// A malformed row_ptr only unbalances the split; the kernels check each row.
+template <int Align, typename R>
 inline std::vector<int64_t> split_rows(const R* rp, int64_t n, int nt) {
   std::vector<int64_t> b(nt + 1, n);
   b[0] = 0;
@@ -149,14 +151,14 @@ inline std::vector<int64_t> split_rows(const R* rp, int64_t n, int nt) {
       const int64_t mid = lo + (hi - lo) / 2;
       if (static_cast<int64_t>(rp[mid]) + kRowCost * mid < target) lo = mid + 1; else hi = mid;
     }
-    b[t] = std::min(n, std::max(b[t - 1], (lo + 4) / 8 * 8));
+    b[t] = std::min(n, std::max(b[t - 1], (lo + Align / 2) / Align * Align));
   }
   return b;
 }
 
 // Calls f(std::integral_constant<int, TB>{}) with the batch-tile width for m rows of in
 // features: the widest tile that covers the batch and keeps [in, TB] floats within ~256 KB,
-// half of a Zen 3 / Skylake-SP L2, beside the streaming weights.
+// half of a Zen 3 / Skylake-SP L2 (a quarter of Zen 4's 1 MB), beside the streaming weights.
 template <typename F>
 inline void with_tile_width(int64_t m, int64_t in, F&& f) {
   const int64_t fit = (256 * 1024 / 4) / std::max<int64_t>(in, 1);
@@ -167,15 +169,16 @@ inline void with_tile_width(int64_t m, int64_t in, F&& f) {
 }
 
 // Runs f(begin, end) over balanced row-group ranges, on one thread when the work is small.
-// rp: the row groups' cumulative work (a row pointer, or any nondecreasing prefix sum).
-template <typename R, typename F>
+// rp: the row groups' cumulative work (a row pointer, or any nondecreasing prefix sum);
+// inner range boundaries are multiples of Align (see split_rows).
+template <int Align = 1, typename R, typename F>
 inline void parallel_rows(const R* rp, int64_t n, int64_t work, const F& f) {
   const int nt = plan_threads(work);
   if (nt <= 1 || n < 2) {
     f(int64_t{0}, n);
     return;
   }
-  const std::vector<int64_t> b = split_rows(rp, n, nt);
+  const std::vector<int64_t> b = split_rows<Align>(rp, n, nt);
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt)
   {
@@ -424,8 +427,8 @@ inline const float* rows_for_gather(const SparseProblem& p, Scratch& copy, int64
 // x[c[0]], ..., x[c[7]] as a vector, from eight scalar loads; int16 indices are read as
 // c & mask (see column_mask), int32 ones the caller has checked against x's length. Not
 // AVX2's vgatherdps: on Zen 3 that is slower than scalar loads inserted into a vector (0.47
-// against 0.27 ns a nonzero in a sparse dot product, measured here); int16 indices are read
-// four to a 64-bit load, which frees load slots (0.32 -> 0.27 ns).
+// against 0.27 ns a nonzero in a sparse dot product, measured on an earlier Zen 3 host);
+// int16 indices are read four to a 64-bit load, which frees load slots (0.32 -> 0.27 ns).
 // With Bextr (and BMI1), each int16 index is one bextr instruction (shift and mask, no register
 // copy): 0.85-0.93x the time of shift-and-mask in the batch-1 SELL kernel, but 1.01-1.06x in
 // CSR's (its row tails hold more registers; random 90%/70% MiniLM shapes, one core).
@@ -485,18 +488,39 @@ inline v8f sell_entries_dot(const float* x, const I* c, const V* v, int64_t n, u
   return a0 + a1;
 }
 
-// Stores a slice's 8 sums for batch row b to their output rows rows[r] (SELL's row_order: -1
-// for padding lanes; one outside [0, out) is recorded as an error).
-inline void store_slice(v8f sums, const int32_t* rows, const SparseProblem& p, int64_t b, IndexErrors& err) {
-  for (int r = 0; r < 8; ++r) {
-    const int64_t o = rows[r];
-    if (o < 0) continue;
-    if (o >= p.out) {
-      err.bad_row_order.store(true, std::memory_order_relaxed);
-      continue;
+// Stores lane sums to their output rows, after the threads that computed them have joined:
+// sums[b * n_lanes + i] is lane i's sum for batch row b, and rows[i] its output row (SELL's
+// row_order: -1 for padding lanes; one outside [0, out) is recorded as an error). y is zeroed
+// first, so rows no lane names stay defined.
+// Why after the join: sorted rows put every thread's lanes on every cache line of y, and
+// scattered stores from two cores then pass the lines back and forth; at batch 1 this made
+// two threads slower than one (SELL-P 384x1536 at 90%: 13.1 against 10.6 us; 1536x384: 20.3
+// against 13.2). Storing after the join, with each thread's own copy of x, took that to 11.3
+// and 13.3 us.
+// p's fields are read into locals first: stores through y could alias them, and GCC then
+// reloaded four of them for every lane (~1 us of a 10 us SELL-P call at 384 rows).
+inline void store_lanes(const float* sums, int64_t n_lanes, const int32_t* rows, const SparseProblem& p,
+                        IndexErrors& err) {
+  float* const y = p.y;
+  const float* const scales = p.scales;
+  const float* const bias = p.bias;
+  const int64_t out = p.out, m = p.m;
+  std::fill(y, y + m * out, 0.f);
+  bool bad = false;
+  for (int64_t b = 0; b < m; ++b) {
+    float* const yb = y + b * out;
+    const float* const sb = sums + b * n_lanes;
+    for (int64_t i = 0; i < n_lanes; ++i) {
+      const int64_t o = rows[i];
+      if (o < 0) continue;
+      if (o >= out) {
+        bad = true;
+        continue;
+      }
+      yb[o] = finish(sb[i], scales, bias, o);
     }
-    p.y[b * p.out + o] = finish(sums[r], p.scales, p.bias, o);
   }
+  if (bad) err.bad_row_order.store(true, std::memory_order_relaxed);
 }
 
 // Finishes a block of outputs: res[r][j] is output row o0 + r (r < nr) for batch row

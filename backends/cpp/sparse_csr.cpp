@@ -106,7 +106,7 @@ void csr_gather(const SparseProblem& p, IndexErrors& err) {
   Scratch copy(0);
   int64_t stride;
   const float* x = rows_for_gather<I>(p, copy, stride);
-  parallel_rows(p.row_ptr, p.out, p.nnz * p.m, [&](int64_t begin, int64_t end) {
+  parallel_rows<8>(p.row_ptr, p.out, p.nnz * p.m, [&](int64_t begin, int64_t end) {
     for (int64_t o0 = begin; o0 < end; o0 += 8) {
       const int nr = static_cast<int>(std::min<int64_t>(8, end - o0));
       int64_t start[8], len[8];
@@ -191,7 +191,7 @@ void csr_tiles(const SparseProblem& p, IndexErrors& err) {
   Scratch buf((tiles * p.in + column_guard<I>(p.in)) * TB);
   float* xt = buf.get();
   transpose_tiles(p.x, p.m, p.in, p.in, TB, xt);
-  parallel_rows(p.row_ptr, p.out, p.nnz * p.m, [&](int64_t begin, int64_t end) {
+  parallel_rows<8>(p.row_ptr, p.out, p.nnz * p.m, [&](int64_t begin, int64_t end) {
     // Blocks of rows whose weights fit in L2 (~192 KB), then tile by tile: a tile of x
     // (sized to stay in L2 too) serves the whole block while its weights are reused
     // from L2. Row-major order would cycle every tile through L2 for each row; pure

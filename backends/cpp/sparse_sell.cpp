@@ -59,11 +59,13 @@ void sell_rows(const SparseProblem& p, IndexErrors& err) {
   Scratch copy(0);
   int64_t stride;
   const float* x = rows_for_gather<I>(p, copy, stride);
+  const int64_t n_lanes = 8 * p.n_groups;
+  const Scratch sums(p.m * n_lanes);
+  std::fill_n(sums.get(), p.m * n_lanes, 0.f);  // lanes of a skipped slice
   for_each_slice<I, V>(p, err, [&](int64_t s, const I* c, const V* v, int64_t n) {
-    for (int64_t b = 0; b < p.m; ++b) {
-      store_slice(sell_entries_dot(x + b * stride, c, v, n, mask), order + 8 * s, p, b, err);
-    }
+    for (int64_t b = 0; b < p.m; ++b) store8(sums.get() + b * n_lanes + 8 * s, sell_entries_dot(x + b * stride, c, v, n, mask));
   });
+  store_lanes(sums.get(), n_lanes, order, p, err);
 }
 
 // Slice entries are processed LR lanes (rows) at a time with all NV vectors of the tile:

@@ -112,11 +112,14 @@ void sellp_rows(const SparseProblem& L, const SparseProblem& E, IndexErrors& lay
   const uint32_t bmask = column_mask<I>(n_blocks), cmask = column_mask<I>(L.in);
   // x padded with zeros to whole blocks and, for int16, to both masks' ranges.
   const int64_t stride = std::max(kBlock * (n_blocks + column_guard<I>(n_blocks)), L.in + column_guard<I>(L.in));
-  const Scratch xp = padded_rows(L, stride);
-  std::fill(L.y, L.y + L.m * L.out, 0.f);  // lanes of a skipped slice stay defined
+  const int64_t n_lanes = kRows * slices;
+  const Scratch sums(L.m * n_lanes);
+  std::fill_n(sums.get(), L.m * n_lanes, 0.f);  // lanes of a skipped slice
   std::vector<int64_t> work(slices + 1);
   for (int64_t s = 0; s <= slices; ++s) work[s] = int64_t{L.layer_ptr[s]} + kEntryCostInLayers * E.row_ptr[s];
   parallel_rows(work.data(), slices, (L.layers + 2 * E.nnz) * kRows * L.m, [&](int64_t begin, int64_t end) {
+    // Each thread copies x for itself: the others would read it from the caller's cache.
+    const Scratch xp = padded_rows(L, stride);
     for (int64_t s = begin; s < end; ++s) {
       const int64_t g0 = L.row_ptr[s], g1 = L.row_ptr[s + 1], l0 = L.layer_ptr[s], l1 = L.layer_ptr[s + 1];
       const int64_t e0 = E.row_ptr[s], e1 = E.row_ptr[s + 1];
@@ -145,11 +148,12 @@ void sellp_rows(const SparseProblem& L, const SparseProblem& E, IndexErrors& lay
         v8f lo = sell_entries_dot<I, V, kRows>(x, c, v, e1 - e0, cmask);
         v8f hi = sell_entries_dot<I, V, kRows>(x, c + 8, v + 8, e1 - e0, cmask);
         layers_dot(x, block + g0, L.lanes + kRows * l0, lval + kRows * l0, g1 - g0, k, bmask, lo, hi);
-        store_slice(lo, order + kRows * s, L, b, entry_err);
-        store_slice(hi, order + kRows * s + 8, L, b, entry_err);
+        store8(sums.get() + b * n_lanes + kRows * s, lo);
+        store8(sums.get() + b * n_lanes + kRows * s + 8, hi);
       }
     }
   });
+  store_lanes(sums.get(), n_lanes, order, L, entry_err);
 }
 
 }  // namespace
