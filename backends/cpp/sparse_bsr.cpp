@@ -47,9 +47,9 @@ inline v8f x_pattern(const float* xb, int q) {
 // row is the sum of its C lanes. Block rows are finished in groups covering 8 output rows,
 // so that rows of C >= 8 lanes are reduced with one vector transpose-add (a serial sum of
 // 16 lanes per row costs as much as the row's products) and stored as one vector. Needs
-// R * C to be a multiple of 8; x readable up to ceil(in / C) * C.
+// R * C to be a multiple of 8.
 template <int R, int C, typename I, typename V>
-void bsr_rows(const SparseProblem& p, const float* x, IndexErrors& err) {
+void bsr_rows(const SparseProblem& p, IndexErrors& err) {
   static_assert((R * C) % 8 == 0, "flattened blocks are whole vectors");
   constexpr int NV = R * C / 8;
   constexpr int S = NV >= 4 ? 1 : 4 / NV;  // >= 4 FMA chains in flight
@@ -61,6 +61,8 @@ void bsr_rows(const SparseProblem& p, const float* x, IndexErrors& err) {
   const V* val = static_cast<const V*>(p.values);
   const uint32_t lim = static_cast<uint32_t>((p.in + C - 1) / C - 1);
   parallel_rows<BPG>(p.row_ptr, p.n_groups, p.nnz * R * C, [&](int64_t begin, int64_t end) {
+    Scratch copy(0);
+    const float* x = local_rows(p, (p.in + C - 1) / C * C, copy);
     for (int64_t g0 = begin; g0 < end; g0 += BPG) {
       const int nbr = static_cast<int>(std::min<int64_t>(BPG, end - g0));
       const int64_t o0 = g0 * R;
@@ -140,10 +142,9 @@ void bsr_tiles(const SparseProblem& p, IndexErrors& err) {
   const int64_t in_pad = (p.in + C - 1) / C * C;
   const uint32_t lim = static_cast<uint32_t>(in_pad / C - 1);
   const int64_t tiles = (p.m + TB - 1) / TB;
-  Scratch buf(tiles * in_pad * TB);
-  float* xt = buf.get();
-  transpose_tiles(p.x, p.m, p.in, in_pad, TB, xt);
   parallel_rows(p.row_ptr, p.n_groups, p.nnz * R * C * p.m, [&](int64_t begin, int64_t end) {
+    const Scratch buf = local_tiles(p, in_pad, 0, TB);
+    const float* xt = buf.get();
     // Row blocks whose weights fit in L2, then tiles (see csr_tiles for why).
     const int64_t block_blocks = 192 * 1024 / (sizeof(I) + R * C * sizeof(V));
     for (int64_t rb = begin; rb < end;) {
@@ -216,12 +217,14 @@ void bsr_tiles(const SparseProblem& p, IndexErrors& err) {
 
 // Any block shape: plain loops, one batch row at a time.
 template <typename I, typename V>
-void bsr_generic(const SparseProblem& p, int R, int C, const float* x, IndexErrors& err) {
+void bsr_generic(const SparseProblem& p, int R, int C, IndexErrors& err) {
   const I* col = static_cast<const I*>(p.col_idx);
   const V* val = static_cast<const V*>(p.values);
   const int64_t in_pad = (p.in + C - 1) / C * C;
   const uint32_t lim = static_cast<uint32_t>(in_pad / C - 1);
   parallel_rows(p.row_ptr, p.n_groups, p.nnz * R * C * p.m, [&](int64_t begin, int64_t end) {
+    Scratch copy(0);
+    const float* x = local_rows(p, in_pad, copy);
     std::vector<float> acc(R);
     for (int64_t g = begin; g < end; ++g) {
       int64_t s0, n;
@@ -255,9 +258,7 @@ void bsr_fixed(const SparseProblem& p, IndexErrors& err) {
     if constexpr (R * C % 8 != 0) {
       return bsr_tiles<R, C, 8, I, V>(p, err);
     } else {
-      if (p.in % C == 0) return bsr_rows<R, C, I, V>(p, p.x, err);
-      Scratch xp = padded_rows(p, (p.in + C - 1) / C * C);
-      return bsr_rows<R, C, I, V>(p, xp.get(), err);
+      return bsr_rows<R, C, I, V>(p, err);
     }
   }
   const int64_t fit = (256 * 1024 / 4) / std::max<int64_t>(p.in, 1);
@@ -282,9 +283,7 @@ void bsr_dispatch(const SparseProblem& p, int R, int C, IndexErrors& err) {
     if (R == 8 && C == 1) return bsr_fixed<8, 1, V>(p, err);
     if (R == 16 && C == 1) return bsr_fixed<16, 1, V>(p, err);
   }
-  if (p.in % C == 0) return bsr_generic<I, V>(p, R, C, p.x, err);
-  Scratch xp = padded_rows(p, (p.in + C - 1) / C * C);
-  bsr_generic<I, V>(p, R, C, xp.get(), err);
+  bsr_generic<I, V>(p, R, C, err);
 }
 
 }  // namespace

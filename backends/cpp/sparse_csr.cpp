@@ -103,10 +103,10 @@ void csr_gather(const SparseProblem& p, IndexErrors& err) {
   const I* col = static_cast<const I*>(p.col_idx);
   const V* val = static_cast<const V*>(p.values);
   const uint32_t mask = column_mask<I>(p.in);
-  Scratch copy(0);
-  int64_t stride;
-  const float* x = rows_for_gather<I>(p, copy, stride);
   parallel_rows<8>(p.row_ptr, p.out, p.nnz * p.m, [&](int64_t begin, int64_t end) {
+    Scratch copy(0);
+    int64_t stride;
+    const float* x = rows_for_gather<I>(p, copy, stride);
     for (int64_t o0 = begin; o0 < end; o0 += 8) {
       const int nr = static_cast<int>(std::min<int64_t>(8, end - o0));
       int64_t start[8], len[8];
@@ -188,10 +188,9 @@ void csr_tiles(const SparseProblem& p, IndexErrors& err) {
   const V* val = static_cast<const V*>(p.values);
   const uint32_t mask = column_mask<I>(p.in);
   const int64_t tiles = (p.m + TB - 1) / TB;
-  Scratch buf((tiles * p.in + column_guard<I>(p.in)) * TB);
-  float* xt = buf.get();
-  transpose_tiles(p.x, p.m, p.in, p.in, TB, xt);
   parallel_rows<8>(p.row_ptr, p.out, p.nnz * p.m, [&](int64_t begin, int64_t end) {
+    const Scratch buf = local_tiles(p, p.in, column_guard<I>(p.in), TB);
+    const float* xt = buf.get();
     // Blocks of rows whose weights fit in L2 (~192 KB), then tile by tile: a tile of x
     // (sized to stay in L2 too) serves the whole block while its weights are reused
     // from L2. Row-major order would cycle every tile through L2 for each row; pure

@@ -118,8 +118,8 @@ void sellp_rows(const SparseProblem& L, const SparseProblem& E, IndexErrors& lay
   std::vector<int64_t> work(slices + 1);
   for (int64_t s = 0; s <= slices; ++s) work[s] = int64_t{L.layer_ptr[s]} + kEntryCostInLayers * E.row_ptr[s];
   parallel_rows(work.data(), slices, (L.layers + 2 * E.nnz) * kRows * L.m, [&](int64_t begin, int64_t end) {
-    // Each thread copies x for itself: the others would read it from the caller's cache.
-    const Scratch xp = padded_rows(L, stride);
+    Scratch copy(0);
+    const float* xs = local_rows(L, stride, copy);
     for (int64_t s = begin; s < end; ++s) {
       const int64_t g0 = L.row_ptr[s], g1 = L.row_ptr[s + 1], l0 = L.layer_ptr[s], l1 = L.layer_ptr[s + 1];
       const int64_t e0 = E.row_ptr[s], e1 = E.row_ptr[s + 1];
@@ -144,7 +144,7 @@ void sellp_rows(const SparseProblem& L, const SparseProblem& E, IndexErrors& lay
       const I* c = col + kRows * e0;
       const V* v = eval + kRows * e0;
       for (int64_t b = 0; b < L.m; ++b) {
-        const float* x = xp.get() + b * stride;
+        const float* x = xs + b * stride;
         v8f lo = sell_entries_dot<I, V, kRows>(x, c, v, e1 - e0, cmask);
         v8f hi = sell_entries_dot<I, V, kRows>(x, c + 8, v + 8, e1 - e0, cmask);
         layers_dot(x, block + g0, L.lanes + kRows * l0, lval + kRows * l0, g1 - g0, k, bmask, lo, hi);
