@@ -531,23 +531,26 @@ inline void store_lanes(const float* sums, int64_t n_lanes, const int32_t* rows,
   float* const y = p.y;
   const float* const scales = p.scales;
   const float* const bias = p.bias;
-  const int64_t out = p.out, m = p.m;
-  std::fill(y, y + m * out, 0.f);
-  bool bad = false;
-  for (int64_t b = 0; b < m; ++b) {
-    float* const yb = y + b * out;
-    const float* const sb = sums + b * n_lanes;
-    for (int64_t i = 0; i < n_lanes; ++i) {
-      const int64_t o = rows[i];
-      if (o < 0) continue;
-      if (o >= out) {
-        bad = true;
-        continue;
+  const int64_t out = p.out;
+  // By batch rows: one thread at batch 1, where the threads' sums are ~1.5 KB.
+  parallel_range(p.m, p.m * n_lanes, [&](int64_t b0, int64_t b1) {
+    bool bad = false;
+    std::fill(y + b0 * out, y + b1 * out, 0.f);
+    for (int64_t b = b0; b < b1; ++b) {
+      float* const yb = y + b * out;
+      const float* const sb = sums + b * n_lanes;
+      for (int64_t i = 0; i < n_lanes; ++i) {
+        const int64_t o = rows[i];
+        if (o < 0) continue;
+        if (o >= out) {
+          bad = true;
+          continue;
+        }
+        yb[o] = finish(sb[i], scales, bias, o);
       }
-      yb[o] = finish(sb[i], scales, bias, o);
     }
-  }
-  if (bad) err.bad_row_order.store(true, std::memory_order_relaxed);
+    if (bad) err.bad_row_order.store(true, std::memory_order_relaxed);
+  });
 }
 
 // Finishes a block of outputs: res[r][j] is output row o0 + r (r < nr) for batch row
