@@ -515,6 +515,14 @@ inline v8f sell_entries_dot(const float* x, const I* c, const V* v, int64_t n, u
   return a0 + a1;
 }
 
+// A zeroed [m, n_lanes] buffer of lane sums for store_lanes: the lanes of a slice skipped for
+// bad data stay 0.
+inline Scratch lane_sums(int64_t m, int64_t n_lanes) {
+  Scratch sums(m * n_lanes);
+  std::fill_n(sums.get(), m * n_lanes, 0.f);
+  return sums;
+}
+
 // Stores lane sums to their output rows, after the threads that computed them have joined:
 // sums[b * n_lanes + i] is lane i's sum for batch row b, and rows[i] its output row (SELL's
 // row_order: -1 for padding lanes; one outside [0, out) is recorded as an error). y is zeroed

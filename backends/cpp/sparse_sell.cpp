@@ -54,8 +54,7 @@ template <typename I, typename V>
 void sell_rows(const SparseProblem& p, IndexErrors& err) {
   const uint32_t mask = column_mask<I>(p.in);
   const int64_t n_lanes = 8 * p.n_groups;
-  const Scratch sums(p.m * n_lanes);
-  std::fill_n(sums.get(), p.m * n_lanes, 0.f);  // lanes of a skipped slice
+  const Scratch sums = lane_sums(p.m, n_lanes);
   parallel_rows(p.row_ptr, p.n_groups, p.nnz * 8 * p.m, [&](int64_t begin, int64_t end) {
     Scratch copy(0);
     int64_t stride;
@@ -82,8 +81,7 @@ void sell_tiles(const SparseProblem& p, IndexErrors& err) {
   const uint32_t mask = column_mask<I>(p.in);
   const int64_t tiles = (p.m + TB - 1) / TB;
   const int64_t n_lanes = 8 * p.n_groups;
-  const Scratch sums(p.m * n_lanes);
-  std::fill_n(sums.get(), p.m * n_lanes, 0.f);  // lanes of a skipped slice
+  const Scratch sums = lane_sums(p.m, n_lanes);
   parallel_rows(p.row_ptr, p.n_groups, p.nnz * 8 * p.m, [&](int64_t begin, int64_t end) {
     const Scratch buf = local_tiles(p, p.in, column_guard<I>(p.in), TB);
     for (int64_t s = begin; s < end; ++s) {
@@ -109,7 +107,8 @@ void sell_tiles(const SparseProblem& p, IndexErrors& err) {
           for (int r = 0; r < LR; ++r) {
             for (int q = 0; q < NV; ++q) {
               const int64_t b0 = t * TB + 8 * q;
-              for (int j = 0; j < 8 && b0 + j < p.m; ++j) sums.get()[(b0 + j) * n_lanes + 8 * s + r0 + r] = acc[r][q][j];
+              float* const lane = sums.get() + 8 * s + r0 + r;
+              for (int j = 0; j < 8 && b0 + j < p.m; ++j) lane[(b0 + j) * n_lanes] = acc[r][q][j];
             }
           }
         }

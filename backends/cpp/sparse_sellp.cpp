@@ -113,8 +113,7 @@ void sellp_rows(const SparseProblem& L, const SparseProblem& E, IndexErrors& lay
   // x padded with zeros to whole blocks and, for int16, to both masks' ranges.
   const int64_t stride = std::max(kBlock * (n_blocks + column_guard<I>(n_blocks)), L.in + column_guard<I>(L.in));
   const int64_t n_lanes = kRows * slices;
-  const Scratch sums(L.m * n_lanes);
-  std::fill_n(sums.get(), L.m * n_lanes, 0.f);  // lanes of a skipped slice
+  const Scratch sums = lane_sums(L.m, n_lanes);
   std::vector<int64_t> work(slices + 1);
   for (int64_t s = 0; s <= slices; ++s) work[s] = int64_t{L.layer_ptr[s]} + kEntryCostInLayers * E.row_ptr[s];
   parallel_rows(work.data(), slices, (L.layers + 2 * E.nnz) * kRows * L.m, [&](int64_t begin, int64_t end) {
