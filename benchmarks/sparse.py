@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
         bw = {
             "L2": copy_bandwidth(caches["L2"] // 4, budget),
             "L3": copy_bandwidth(caches["L3"] // 4, budget),
-            "DRAM": copy_bandwidth(max(512 * 2**20, 2 * caches["L3"]), max(budget, 1.0)),
+            "DRAM": copy_bandwidth(512 * 2**20, max(budget, 1.0)),
         }
         floor_ours, floor_dense = call_floor(budget)
         scaling = thread_scaling(args.threads, budget) if args.threads > 1 else 1.0

@@ -105,9 +105,9 @@ void sell_tiles(const SparseProblem& p, IndexErrors& err) {
             }
           }
           for (int r = 0; r < LR; ++r) {
+            float* const lane = sums.get() + 8 * s + r0 + r;
             for (int q = 0; q < NV; ++q) {
               const int64_t b0 = t * TB + 8 * q;
-              float* const lane = sums.get() + 8 * s + r0 + r;
               for (int j = 0; j < 8 && b0 + j < p.m; ++j) lane[(b0 + j) * n_lanes] = acc[r][q][j];
             }
           }
