@@ -15,9 +15,13 @@
 //  * Entries: the nonzeros beyond a slice's K in a block, as SELL entries 16 lanes wide (two
 //    8-lane gathers each).
 // pack_sellp picks K per slice with a cost model (an entry costs ~4 layers): 4-6 at 90%, 11-13
-// at 70%. Since K is fixed per slice, the layer loop's trip count repeats from group to group and
-// its branch is predicted; with one block index per layer instead of per group (x loaded for
-// every layer) the kernel took 1.4-1.5x the time.
+// at 70%. K is fixed per slice, so a slice's groups run one loop compiled for its K (1-16), its
+// layers unrolled whole: the loop over layers with a run-time K left a loop exit per group, which
+// cost most where K is small (95%-sparse MiniLM shapes at batch 1, one Zen 5 core: 8.0-8.5 ->
+// 6.5-6.9 us a call at 384x1536, 9.7-10.3 -> 8.5-8.8 at 1536x384; no change at 70% and 90%).
+// With one block index per layer instead of per group (x loaded for every layer) the kernel took
+// 1.4-1.5x the time. 16-lane vgatherdps for the entries took 1.1-1.5x the time of 8-lane scalar
+// gathers on that Zen 5, as on Zen 4.
 // Standalone harness, one core, batch 1, random MiniLM shapes (384x1536 and 1536x384), time as a
 // fraction of SELL-8's: 0.55-0.61 at 90%, 0.42-0.43 at 70%, 0.47 at 50%, 0.73-0.82 at 95%; the
 // SELL-P of 8-row slices and 8-column blocks this replaces took 0.81-0.83 at 90%.
@@ -54,28 +58,55 @@ inline __m512 layer(__m512 xa, __m512 xb, const uint8_t* lanes, const V* val, __
 }
 #endif
 
+#ifdef __AVX512F__
+// The layers of n_groups groups of K layers each, K a compile-time constant (KC > 0) or the run-time k
+// (KC == 0), into four accumulators: a layer's FMA waits on its permute, and the permute on the lane
+// bytes.
+template <int KC, typename I, typename V>
+inline void layer_groups(const float* x, const I* block, const uint8_t* lanes, const V* val, int64_t n_groups,
+                         int64_t k, uint32_t mask, __m512 a[4]) {
+  for (int64_t g = 0; g < n_groups; ++g) {
+    const float* xg = x + kBlock * column(block[g], mask);
+    const __m512 xa = _mm512_loadu_ps(xg), xb = _mm512_loadu_ps(xg + 16);
+    if constexpr (KC > 0) {
+      // Unrolled whole: no loop branch whose trip count changes from slice to slice.
+#pragma GCC unroll 32
+      for (int j = 0; j < KC; ++j) a[j % 4] = layer(xa, xb, lanes + j * kRows, val + j * kRows, a[j % 4]);
+      lanes += KC * kRows;
+      val += KC * kRows;
+    } else {
+      int64_t j = 0;
+      for (; j + 4 <= k; j += 4, lanes += 4 * kRows, val += 4 * kRows) {
+        a[0] = layer(xa, xb, lanes, val, a[0]);
+        a[1] = layer(xa, xb, lanes + kRows, val + kRows, a[1]);
+        a[2] = layer(xa, xb, lanes + 2 * kRows, val + 2 * kRows, a[2]);
+        a[3] = layer(xa, xb, lanes + 3 * kRows, val + 3 * kRows, a[3]);
+      }
+      for (; j < k; ++j, lanes += kRows, val += kRows) a[0] = layer(xa, xb, lanes, val, a[0]);
+    }
+  }
+}
+#endif
+
 // Adds to lo (lanes 0-7) and hi (8-15) the products of a slice's n_groups groups of k layers
 // each: group g reads block block[g] of x, and its layers are the next k of lanes and val.
 template <typename I, typename V>
 inline void layers_dot(const float* x, const I* block, const uint8_t* lanes, const V* val, int64_t n_groups,
                        int64_t k, uint32_t mask, v8f& lo, v8f& hi) {
 #ifdef __AVX512F__
-  // Four accumulators: a layer's FMA waits on its permute, and the permute on the lane bytes.
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  for (int64_t g = 0; g < n_groups; ++g) {
-    const float* xg = x + kBlock * column(block[g], mask);
-    const __m512 xa = _mm512_loadu_ps(xg), xb = _mm512_loadu_ps(xg + 16);
-    int64_t j = 0;
-    for (; j + 4 <= k; j += 4, lanes += 4 * kRows, val += 4 * kRows) {
-      a0 = layer(xa, xb, lanes, val, a0);
-      a1 = layer(xa, xb, lanes + kRows, val + kRows, a1);
-      a2 = layer(xa, xb, lanes + 2 * kRows, val + 2 * kRows, a2);
-      a3 = layer(xa, xb, lanes + 3 * kRows, val + 3 * kRows, a3);
-    }
-    for (; j < k; ++j, lanes += kRows, val += kRows) a0 = layer(xa, xb, lanes, val, a0);
+  __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  switch (k) {
+#define GRAPHOPT_LAYERS_K(K) \
+    case K: layer_groups<K>(x, block, lanes, val, n_groups, k, mask, a); break;
+    GRAPHOPT_LAYERS_K(1) GRAPHOPT_LAYERS_K(2) GRAPHOPT_LAYERS_K(3) GRAPHOPT_LAYERS_K(4)
+    GRAPHOPT_LAYERS_K(5) GRAPHOPT_LAYERS_K(6) GRAPHOPT_LAYERS_K(7) GRAPHOPT_LAYERS_K(8)
+    GRAPHOPT_LAYERS_K(9) GRAPHOPT_LAYERS_K(10) GRAPHOPT_LAYERS_K(11) GRAPHOPT_LAYERS_K(12)
+    GRAPHOPT_LAYERS_K(13) GRAPHOPT_LAYERS_K(14) GRAPHOPT_LAYERS_K(15) GRAPHOPT_LAYERS_K(16)
+#undef GRAPHOPT_LAYERS_K
+    default: layer_groups<0>(x, block, lanes, val, n_groups, k, mask, a);
   }
   float sums[kRows];
-  _mm512_storeu_ps(sums, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  _mm512_storeu_ps(sums, _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
   lo += load8(sums);
   hi += load8(sums + 8);
 #else

@@ -360,6 +360,20 @@ def test_sellp_layers_hold_each_rows_first_nonzeros_in_a_block_and_entries_the_r
         pack_sellp(w, layers=33)
 
 
+@pytest.mark.parametrize("layers", [*range(1, 18), 24, 32])
+def test_sellp_matches_dense_for_every_layer_count(kernels, layers) -> None:
+    """The kernel runs K layers a group through a loop compiled for each K of 1-16 and a generic
+    one above: each against the dense product, with groups that hold fewer nonzeros than K too."""
+    w = _weight(40, 96, 0.7, seed=layers)
+    w[:8, 40:] = 0.0  # sparse rows beside dense ones in a slice: lanes with padding layers
+    for dtype in (torch.float32, torch.int8):
+        packed = pack_sellp(w, dtype, layers=layers)
+        assert packed.layers_per_group.tolist() == [layers] * 3
+        for batch in (1, 3):
+            x = torch.randn(batch, 96, generator=torch.Generator().manual_seed(layers))
+            _check(x, packed, torch.randn(40))
+
+
 def test_sellp_cost_model_takes_more_layers_where_blocks_are_denser() -> None:
     """The choices the cost model was calibrated for (sparse_sellp.cpp): at 90% sparsity a block's
     first layer holds ~15.5 of 16 lanes and its fourth ~6.4, at 70% the tenth still ~9."""
