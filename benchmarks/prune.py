@@ -20,6 +20,7 @@ Usage::
 
     python benchmarks/prune.py table --write
     python benchmarks/prune.py run --steps 150 --cache /tmp/pruned --int8 --json out.json
+    python benchmarks/prune.py run --recipe sparse-90-int8 --int8 --threads 1 --rounds 30 --cache /tmp/pruned
     python benchmarks/prune.py run --configs 0.9 --steps 1500 --int8 --criterion activation \
         --initial-sparsity 0.6 --prune-every 300 --prune-until 0.4 --lr 1e-3 \
         --density '*.attention.query=0.5' '*.attention.key=0.5' ...   # sparse-90: its density table too
@@ -30,6 +31,7 @@ Latency is the calling thread's CPU time: right at ``--threads 1`` only.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -122,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--steps", type=int, default=150, help="training steps per configuration")
     r.add_argument("--configs", nargs="+", default=["0.5", "0.7", "0.8", "0.9", "0.7@1x8"],
                    help="sparsity, or sparsity@pattern")
+    r.add_argument("--recipe", help="a shipped recipe's name or a recipe file: its prune step's options "
+                                    "instead of --configs and the training options below")
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--rounds", type=int, default=15)
     r.add_argument("--prune-every", type=int, default=10)
@@ -146,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--reconstruct-rounds", type=int, default=1,
                    help="prunings on a cubic schedule, the first before reconstruction and the rest during each "
                         "block's, the last at --prune-until of its steps (the prune pass's reconstruct_rounds)")
-    r.add_argument("--cache", type=Path, help="keep pruned weights here; a later run reuses them (no training)")
+    r.add_argument("--cache", type=Path, help="keep pruned weights here; a later run with the same pruning "
+                                              "options reuses them (no training)")
     r.add_argument("--data", nargs="+", default=["sentences", "written", "recombined", "substituted"])
     r.add_argument("--int8", action="store_true", help="also lower to cpp with int8 values")
     r.add_argument("--accuracy-only", action="store_true",
@@ -187,7 +192,14 @@ class _TokenizerOn:
         return {k: v.to(self.device) for k, v in self.tokenizer(*args, **kwargs).items()}
 
 
-def _pruned(bundle, pass_, cache: Path | None, spec: str, device: str = "cpu"):
+def _cache_key(spec: str, options: dict) -> str:
+    """The configuration's name and a digest of its pruning options: a cached model is reused only for
+    the options it was trained with."""
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"{spec.replace('@', '-')}-{digest}"
+
+
+def _pruned(bundle, pass_, cache: Path | None, key: str, device: str = "cpu"):
     """The pruned program (on CPU) and the pass's notes; trained once (on ``device``), then read from ``cache`` if given."""
     import graphopt
     from safetensors.torch import load_file, save_file
@@ -195,7 +207,7 @@ def _pruned(bundle, pass_, cache: Path | None, spec: str, device: str = "cpu"):
     from graphopt.sparsity import SPARSITY_KEY
 
     program = graphopt.trace(bundle)
-    files = None if cache is None else {ext: cache / f"pruned-{spec.replace('@', '-')}.{ext}" for ext in ("json", "st")}
+    files = None if cache is None else {ext: cache / f"pruned-{key}.{ext}" for ext in ("json", "st")}
     if files is not None and files["json"].exists():
         program.ir.load_state_dict(load_file(str(files["st"])))
         notes = json.loads(files["json"].read_text())
@@ -274,6 +286,35 @@ class _Lowering:
             row["latency_ms"][batch] = {k: round(v, 3) for k, v in ms.items()}
 
 
+def _configs(args: argparse.Namespace) -> list[tuple[str, dict]]:
+    """(name, prune pass options) of each configuration: --recipe's prune step, or --configs with the
+    training options of the command line."""
+    if args.recipe:
+        from graphopt.recipe import load_recipe
+
+        recipe = load_recipe(args.recipe)
+        steps = [step for step in recipe.pipeline if step.name == "prune"]
+        if len(steps) != 1:
+            raise SystemExit(f"recipe {recipe.name!r} has {len(steps)} prune steps; --recipe needs exactly one")
+        # The pass's own held-out evaluation is skipped as for --configs: the rows measure agreement.
+        return [(recipe.name, {"evaluate": False, **steps[0].options})]
+    configs = []
+    for spec in args.configs:
+        sparsity, _, pattern = spec.partition("@")
+        configs.append((spec, {
+            "sparsity": float(sparsity), "pattern": pattern or "unstructured", "steps": args.steps,
+            "initial_sparsity": min(args.initial_sparsity, float(sparsity)),
+            "prune_every": args.prune_every, "prune_until": args.prune_until, "batch_size": args.batch_size,
+            "lr": args.lr, "max_length": args.max_length, "data": tuple(args.data), "output": args.output_weight,
+            "hidden": args.hidden_weight, "soft_label": args.soft_label_weight,
+            "warmup_steps": args.warmup_steps, "criterion": args.criterion, "evaluate": False,
+            "reconstruct_steps": args.reconstruct_steps, "reconstruct_lr": args.reconstruct_lr,
+            "reconstruct_sentences": args.reconstruct_sentences, "reconstruct_block": args.reconstruct_block,
+            "reconstruct_rounds": args.reconstruct_rounds,
+            "density": {glob: float(f) for glob, _, f in (d.rpartition("=") for d in args.density)}}))
+    return configs
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     from graphopt import registry
     from graphopt.bench import machine_info
@@ -290,25 +331,15 @@ def run(args: argparse.Namespace) -> list[dict]:
     prune = registry.passes.get("prune")
     lowering = None if args.accuracy_only else _Lowering(bundle, args)
     rows: list[dict] = []
-    print(f"# MiniLM, {args.steps} training steps per configuration, {args.threads} thread(s)"
+    trained_by = f"recipe {args.recipe}'s prune step" if args.recipe else f"{args.steps} training steps per configuration"
+    print(f"# MiniLM, {trained_by}, {args.threads} thread(s)"
           + ("; eager accuracy only" if lowering is None else
              f"; fp32 ONNX {lowering.fp32_bytes / 1e6:.2f} MB; latency = median thread CPU ms over "
              f"{args.rounds} interleaved rounds"
              + ("" if args.threads == 1 else " (the calling thread's alone: the other threads' work is not "
                 "counted, so compare latencies at --threads 1 only)")), flush=True)
-    for spec in args.configs:
-        sparsity, _, pattern = spec.partition("@")
-        options = dict(sparsity=float(sparsity), pattern=pattern or "unstructured", steps=args.steps,
-                       initial_sparsity=min(args.initial_sparsity, float(sparsity)),
-                       prune_every=args.prune_every, prune_until=args.prune_until, batch_size=args.batch_size,
-                       lr=args.lr, max_length=args.max_length, data=tuple(args.data), output=args.output_weight,
-                       hidden=args.hidden_weight, soft_label=args.soft_label_weight,
-                       warmup_steps=args.warmup_steps, criterion=args.criterion, evaluate=False,
-                       reconstruct_steps=args.reconstruct_steps, reconstruct_lr=args.reconstruct_lr,
-                       reconstruct_sentences=args.reconstruct_sentences, reconstruct_block=args.reconstruct_block,
-                       reconstruct_rounds=args.reconstruct_rounds,
-                       density={glob: float(f) for glob, _, f in (d.rpartition("=") for d in args.density)})
-        program, notes = _pruned(bundle, prune(**options), args.cache, spec, args.device)
+    for spec, options in _configs(args):
+        program, notes = _pruned(bundle, prune(**options), args.cache, _cache_key(spec, options), args.device)
         # Training time: block-wise reconstruction (if any) and end-to-end distillation.
         wall_s = notes.get("train", {}).get("wall_s", 0.0) + notes.get("reconstruct", {}).get("wall_s", 0.0)
         row: dict = {"config": spec, "options": options, "train_wall_s": wall_s,
