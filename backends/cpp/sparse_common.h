@@ -540,8 +540,9 @@ inline void store_lanes(const float* sums, int64_t n_lanes, const int32_t* rows,
   const float* const scales = p.scales;
   const float* const bias = p.bias;
   const int64_t out = p.out;
-  // By batch rows: one thread at batch 1, where the threads' sums are ~1.5 KB.
-  parallel_range(p.m, p.m * n_lanes, [&](int64_t b0, int64_t b1) {
+  // By batch rows: one thread at batch 1, where the threads' sums are ~1.5 KB. The pointers are
+  // captured by value: through references, GCC reloaded scales and bias for every lane.
+  parallel_range(p.m, p.m * n_lanes, [=, &err](int64_t b0, int64_t b1) {
     bool bad = false;
     std::fill(y + b0 * out, y + b1 * out, 0.f);
     for (int64_t b = b0; b < b1; ++b) {
@@ -549,9 +550,8 @@ inline void store_lanes(const float* sums, int64_t n_lanes, const int32_t* rows,
       const float* const sb = sums + b * n_lanes;
       for (int64_t i = 0; i < n_lanes; ++i) {
         const int64_t o = rows[i];
-        if (o < 0) continue;
-        if (o >= out) {
-          bad = true;
+        if (static_cast<uint64_t>(o) >= static_cast<uint64_t>(out)) {  // padding (-1), or bad
+          bad |= o >= 0;
           continue;
         }
         yb[o] = finish(sb[i], scales, bias, o);
