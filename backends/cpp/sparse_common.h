@@ -500,18 +500,17 @@ inline v8f load8_as_float(const V* p) {
 }
 
 // Sum of n SELL entries' products for 8 rows of a slice (lane r = row r): each entry holds 8
-// column indices c and 8 values v, one per lane, and the next starts Stride elements on (SELL-P's
-// entries are 16 lanes wide, taken 8 at a time). Two accumulators so that consecutive FMAs do
+// column indices c and 8 values v, one per lane. Two accumulators so that consecutive FMAs do
 // not wait on each other; indices through bextr (see gather8).
-template <typename I, typename V, int Stride = 8>
+template <typename I, typename V>
 inline v8f sell_entries_dot(const float* x, const I* c, const V* v, int64_t n, uint32_t mask) {
   v8f a0 = v8f{}, a1 = v8f{};
   int64_t k = 0;
   for (; k + 2 <= n; k += 2) {
-    a0 += load8_as_float(v + Stride * k) * gather8<I, true>(x, c + Stride * k, mask);
-    a1 += load8_as_float(v + Stride * (k + 1)) * gather8<I, true>(x, c + Stride * (k + 1), mask);
+    a0 += load8_as_float(v + 8 * k) * gather8<I, true>(x, c + 8 * k, mask);
+    a1 += load8_as_float(v + 8 * (k + 1)) * gather8<I, true>(x, c + 8 * (k + 1), mask);
   }
-  if (k < n) a0 += load8_as_float(v + Stride * k) * gather8<I, true>(x, c + Stride * k, mask);
+  if (k < n) a0 += load8_as_float(v + 8 * k) * gather8<I, true>(x, c + 8 * k, mask);
   return a0 + a1;
 }
 
