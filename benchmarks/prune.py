@@ -290,9 +290,13 @@ def _configs(args: argparse.Namespace) -> list[tuple[str, dict]]:
     """(name, prune pass options) of each configuration: --recipe's prune step, or --configs with the
     training options of the command line."""
     if args.recipe:
+        from graphopt.errors import RecipeError
         from graphopt.recipe import load_recipe
 
-        recipe = load_recipe(args.recipe)
+        try:
+            recipe = load_recipe(args.recipe)
+        except RecipeError as e:
+            raise SystemExit(f"--recipe: {e}") from None
         steps = [step for step in recipe.pipeline if step.name == "prune"]
         if len(steps) != 1:
             raise SystemExit(f"recipe {recipe.name!r} has {len(steps)} prune steps; --recipe needs exactly one")
@@ -320,6 +324,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     from graphopt.bench import machine_info
     from graphopt.data import load_sentences
 
+    configs = _configs(args)  # first: a bad --recipe fails before the model loads
     torch.set_num_threads(args.threads)
     bundle = registry.models.get("minilm")()
     tokenizer, heldout = bundle.tokenizer, load_sentences("heldout")
@@ -338,7 +343,7 @@ def run(args: argparse.Namespace) -> list[dict]:
              f"{args.rounds} interleaved rounds"
              + ("" if args.threads == 1 else " (the calling thread's alone: the other threads' work is not "
                 "counted, so compare latencies at --threads 1 only)")), flush=True)
-    for spec, options in _configs(args):
+    for spec, options in configs:
         program, notes = _pruned(bundle, prune(**options), args.cache, _cache_key(spec, options), args.device)
         # Training time: block-wise reconstruction (if any) and end-to-end distillation.
         wall_s = notes.get("train", {}).get("wall_s", 0.0) + notes.get("reconstruct", {}).get("wall_s", 0.0)
