@@ -369,6 +369,8 @@ def test_sellp_matches_dense_for_every_layer_count(kernels, layers) -> None:
     for dtype in (torch.float32, torch.int8):
         packed = pack_sellp(w, dtype, layers=layers)
         assert packed.layers_per_group.tolist() == [layers] * 3
+        if dtype == torch.float32:  # the reference below is the packed weight: it must be w
+            assert torch.equal(packed.to_dense(), w)
         for batch in (1, 3):
             x = torch.randn(batch, 96, generator=torch.Generator().manual_seed(layers))
             _check(x, packed, torch.randn(40))
